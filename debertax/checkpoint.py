@@ -1,0 +1,77 @@
+"""Orbax checkpoints: one place for saving and restoring parameter trees and training state.
+
+A debertax model directory (what `save_pretrained(format="orbax")` and `convert import` write):
+    debertax.json   model config + head + use_emd
+    params/         an Orbax StandardCheckpointer tree
+    spm.model       optional tokenizer
+Training workdirs use `TrainCheckpointer` (an Orbax CheckpointManager) with the same tree format.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from debertax.config import ModelConfig
+
+MODEL_META = "debertax.json"
+PARAMS_DIR = "params"
+
+
+def is_model_dir(path: str) -> bool:
+  return os.path.exists(os.path.join(path, MODEL_META))
+
+
+def save_model_dir(path: str, params, config: ModelConfig, head: str, use_emd: bool,
+                   spm_model: str | None = None) -> str:
+  path = os.path.abspath(path)
+  os.makedirs(path, exist_ok=True)
+  params_dir = os.path.join(path, PARAMS_DIR)
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(params_dir, params, force=True)
+  checkpointer.wait_until_finished()
+  meta = {"config": json.loads(config.to_json()), "head": head, "use_emd": bool(use_emd)}
+  # Written last, so a directory with debertax.json always has complete parameters.
+  tmp = os.path.join(path, MODEL_META + ".tmp")
+  with open(tmp, "w") as f:
+    json.dump(meta, f, indent=2, sort_keys=True)
+  os.replace(tmp, os.path.join(path, MODEL_META))
+  if spm_model and os.path.abspath(spm_model) != os.path.join(path, "spm.model"):
+    import shutil
+    shutil.copyfile(spm_model, os.path.join(path, "spm.model"))
+  return path
+
+
+def load_model_dir(path: str) -> tuple[ModelConfig, Any, str, bool]:
+  """-> (config, params as NumPy-backed host arrays, head, use_emd)."""
+  meta_path = os.path.join(path, MODEL_META)
+  try:
+    with open(meta_path) as f:
+      meta = json.load(f)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{meta_path}:{e.lineno}: not valid JSON: {e.msg}") from e
+  config = ModelConfig.from_dict(meta["config"])
+  params_dir = os.path.join(os.path.abspath(path), PARAMS_DIR)
+  if not os.path.isdir(params_dir):
+    raise FileNotFoundError(f"{params_dir}: missing parameter checkpoint")
+  params = restore_tree(params_dir)
+  return config, params, meta["head"], bool(meta.get("use_emd", False))
+
+
+def restore_tree(directory: str, abstract=None):
+  """Restores an Orbax StandardCheckpointer tree; `abstract` (ShapeDtypeStructs with shardings) places it."""
+  checkpointer = ocp.StandardCheckpointer()
+  try:
+    if abstract is None:
+      return checkpointer.restore(directory)
+    return checkpointer.restore(directory, abstract)
+  except Exception as e:  # Orbax raises several types for damaged or incompatible trees.
+    raise ValueError(f"{directory}: cannot restore the Orbax checkpoint: {type(e).__name__}: {e}") from e
+
+
+def host_tree(tree):
+  return jax.device_get(tree)
