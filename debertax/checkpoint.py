@@ -75,3 +75,47 @@ def restore_tree(directory: str, abstract=None):
 
 def host_tree(tree):
   return jax.device_get(tree)
+
+
+class TrainCheckpointer:
+  """Orbax CheckpointManager for training: saves every N steps, keeps the last K, writes asynchronously.
+
+  Each step directory holds `state` (the TrainState tree, written collectively by all processes) and
+  `data` (every host's data-iterator position, written once). Orbax writes into a temporary directory and
+  renames it when complete, so a process killed mid-save leaves the previous checkpoint as the latest.
+  """
+
+  def __init__(self, directory: str, save_every: int, keep: int, async_save: bool = True):
+    self.directory = os.path.abspath(directory)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, save_interval_steps=max(int(save_every), 1), create=True,
+        enable_async_checkpointing=async_save)
+    self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self.manager.all_steps())
+
+  def save(self, step: int, state, data_states: dict, force: bool = False) -> bool:
+    """data_states: {process_index: iterator state}; returns whether a save was started."""
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state),
+                              data=ocp.args.JsonSave({str(k): v for k, v in data_states.items()}))
+    return self.manager.save(int(step), args=args, force=force)
+
+  def restore(self, step: int, abstract_state) -> tuple[Any, dict]:
+    try:
+      restored = self.manager.restore(int(step), args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+    except Exception as e:  # Orbax raises several types for damaged or incompatible trees.
+      raise ValueError(f"{self.directory}/{step}: cannot restore the checkpoint "
+                       f"(was it written by a different config?): {type(e).__name__}: {e}") from e
+    return restored["state"], {int(k): v for k, v in (restored["data"] or {}).items()}
+
+  def wait(self):
+    self.manager.wait_until_finished()
+
+  def close(self):
+    self.manager.wait_until_finished()
+    self.manager.close()

@@ -132,6 +132,19 @@ def spearman(predictions, labels) -> float:
     return _correlation(average_ranks(predictions), average_ranks(labels))
 
 
+def binary_auc(scores, labels) -> float:
+    """ROC AUC by the rank-sum (Mann-Whitney U) formula, ties averaged; nan when only one class is present."""
+    scores = np.asarray(scores, dtype=np.float64).ravel()
+    labels = np.asarray(labels, dtype=bool).ravel()
+    if scores.shape != labels.shape:
+        raise ValueError(f"binary_auc: {scores.size} scores but {labels.size} labels")
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    rank_sum = average_ranks(scores)[labels].sum()
+    return float((rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
 _METRICS = {
     "accuracy": accuracy,
     "f1": f1_binary,

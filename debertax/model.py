@@ -17,7 +17,7 @@ from debertax import layers
 from debertax.attention import DisentangledSelfAttention
 from debertax.config import ModelConfig
 
-ACTIVATION_AXES = ("batch", "length", "embed")
+ACTIVATION_AXES = ("act_batch", "act_length", "act_embed")
 
 
 class Embeddings(nn.Module):

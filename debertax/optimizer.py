@@ -1,0 +1,77 @@
+"""The authors' optimizer: Adam without bias correction, decoupled weight decay (not on biases or
+LayerNorm weights), global-norm clipping, linear warmup then linear decay.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import traverse_util
+
+
+def warmup_linear_decay(peak_lr: float, warmup_steps: int, total_steps: int) -> optax.Schedule:
+  """0 -> peak over `warmup_steps`, then linearly to 0 at `total_steps`."""
+  warmup_steps = max(int(warmup_steps), 0)
+  total_steps = max(int(total_steps), warmup_steps + 1)
+
+  def schedule(step):
+    step = jnp.asarray(step, jnp.float32)
+    warm = peak_lr * step / max(warmup_steps, 1)
+    decay = peak_lr * jnp.maximum(0.0, (total_steps - step) / (total_steps - warmup_steps))
+    return jnp.where(step < warmup_steps, warm, decay)
+
+  return schedule
+
+
+class AdamState(NamedTuple):
+  mu: optax.Updates
+  nu: optax.Updates
+
+
+def scale_by_adam(b1: float, b2: float, eps: float, bias_correction: bool) -> optax.GradientTransformation:
+  """Adam's direction; without bias correction the first steps are smaller, as in the authors' code."""
+
+  def init(params):
+    zeros = lambda p: jnp.zeros_like(p, dtype=jnp.float32)
+    return AdamState(jax.tree_util.tree_map(zeros, params), jax.tree_util.tree_map(zeros, params)), \
+        jnp.zeros([], jnp.int32)
+
+  def update(updates, state, params=None):
+    (mu, nu), count = state
+    mu = jax.tree_util.tree_map(lambda m, g: b1 * m + (1 - b1) * g, mu, updates)
+    nu = jax.tree_util.tree_map(lambda v, g: b2 * v + (1 - b2) * jnp.square(g), nu, updates)
+    count = count + 1
+    if bias_correction:
+      c1 = 1 - b1 ** count.astype(jnp.float32)
+      c2 = 1 - b2 ** count.astype(jnp.float32)
+      out = jax.tree_util.tree_map(lambda m, v: (m / c1) / (jnp.sqrt(v / c2) + eps), mu, nu)
+    else:
+      out = jax.tree_util.tree_map(lambda m, v: m / (jnp.sqrt(v) + eps), mu, nu)
+    return out, (AdamState(mu, nu), count)
+
+  return optax.GradientTransformation(init, update)
+
+
+def decay_mask(params):
+  """True where weight decay applies: not biases, not LayerNorm scales/biases."""
+  flat = traverse_util.flatten_dict(params)
+  mask = {path: not (path[-1] == "bias" or any("LayerNorm" in part for part in path)) for path in flat}
+  return traverse_util.unflatten_dict(mask)
+
+
+def make_optimizer(train_config, lr: float | None = None) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """From a `config.train` block; `lr` overrides train.lr (the generator may have its own)."""
+  peak = train_config.lr if lr is None or lr < 0 else lr
+  schedule = warmup_linear_decay(peak, train_config.warmup_steps, train_config.steps)
+  parts = []
+  if train_config.grad_clip and train_config.grad_clip > 0:
+    parts.append(optax.clip_by_global_norm(train_config.grad_clip))
+  parts.append(scale_by_adam(train_config.adam_b1, train_config.adam_b2, train_config.adam_eps,
+                             train_config.bias_correction))
+  if train_config.weight_decay:
+    parts.append(optax.add_decayed_weights(train_config.weight_decay, mask=decay_mask))
+  parts.append(optax.scale_by_learning_rate(schedule))
+  return optax.chain(*parts), schedule

@@ -1,0 +1,248 @@
+"""The RTD pretraining loop: vocabulary, data, resume, train, evaluate, checkpoint, export.
+
+Everything lands in the workdir:
+    spm.model                 the vocabulary (trained here when config.data.vocab is empty)
+    checkpoints/<step>/       Orbax: train state + every host's data position
+    metrics.jsonl, tensorboard/
+    export/discriminator/, export/generator/   Hugging Face directories (at the end, or --mode=export)
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from debertax import checkpoint as checkpoint_lib
+from debertax import convert, eval_metrics, flops, rtd
+from debertax.data import DataConfig, PretrainingIterator, source_lines
+from debertax.metric_writer import MetricWriter
+from debertax.tokenizer import Tokenizer, train_sentencepiece
+from debertax.train import Trainer
+
+EVAL_BATCHES = 4
+EVAL_SEED_OFFSET = 1_000_003
+
+
+def prepare_vocab(config, workdir: str) -> Tokenizer:
+  """Loads config.data.vocab, or trains a SentencePiece model on the training source into the workdir."""
+  if config.data.vocab:
+    return Tokenizer.load(config.data.vocab)
+  path = os.path.join(workdir, "spm.model")
+  if os.path.exists(path):
+    return Tokenizer.load(path)
+  if config.data.train_vocab_size <= 0:
+    raise ValueError("config.data.vocab is empty and config.data.train_vocab_size is 0: give a spm.model "
+                     "path or a vocabulary size to train")
+  logging.info("Training a %d-piece SentencePiece vocabulary on %s", config.data.train_vocab_size,
+               config.data.source)
+  if jax.process_index() == 0:
+    train_sentencepiece(source_lines(config.data.source, text_feature=config.data.text_feature,
+                                     on_bad_line=config.data.on_bad_line),
+                        workdir, config.data.train_vocab_size)
+  _sync("vocab")
+  return Tokenizer.load(path)
+
+
+def resolve_config(config, tokenizer: Tokenizer):
+  """Fills model.vocab_size = -1 from the tokenizer and checks that the vocabulary fits the model."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  if config.model.vocab_size == -1:
+    config.model.vocab_size = tokenizer.vocab_size
+  if tokenizer.vocab_size > config.model.vocab_size:
+    raise ValueError(f"the vocabulary has {tokenizer.vocab_size} ids (with [MASK]) but config.model.vocab_size "
+                     f"is {config.model.vocab_size}")
+  if config.train.batch_size % jax.process_count():
+    raise ValueError(f"config.train.batch_size={config.train.batch_size} is not divisible by the "
+                     f"{jax.process_count()} processes")
+  return config
+
+
+def data_config(config, tokenizer: Tokenizer, seed_offset: int = 0) -> DataConfig:
+  return DataConfig(
+      source=config.data.source, vocab_path="", seq_len=config.data.seq_len,
+      batch_size=config.train.batch_size // jax.process_count(), seed=config.seed + seed_offset,
+      mask_prob=config.data.mask_prob, max_predictions=config.data.max_predictions or None,
+      shuffle_window=config.data.shuffle_buffer, on_bad_line=config.data.on_bad_line,
+      text_feature=config.data.text_feature)
+
+
+def _sync(name: str):
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
+def _all_data_states(iterator: PretrainingIterator) -> dict:
+  """Every host's iterator position (all hosts call this; the result is the same everywhere)."""
+  state = iterator.get_state()
+  if jax.process_count() == 1:
+    return {0: state}
+  import json
+  from jax.experimental import multihost_utils
+  encoded = np.frombuffer(json.dumps(state).encode(), np.uint8)
+  length = int(np.max(multihost_utils.process_allgather(np.array([len(encoded)]))))
+  padded = np.zeros(length, np.uint8)
+  padded[: len(encoded)] = encoded
+  gathered = multihost_utils.process_allgather(padded)
+  return {i: json.loads(bytes(row).rstrip(b"\0").decode()) for i, row in enumerate(np.asarray(gathered))}
+
+
+def initial_params_from(config, trainer: Trainer):
+  """Continue-training from released / converted checkpoints (config.init_from, init_generator_from)."""
+  from debertax import api
+  if not config.init_generator_from:
+    raise ValueError("config.init_from needs config.init_generator_from too (the generator is a separate "
+                     "checkpoint, e.g. pytorch_model.generator.bin converted with --emd)")
+  disc = api.from_pretrained(config.init_from, head="rtd")
+  gen = api.from_pretrained(config.init_generator_from, head="mlm", use_emd=True)
+  for name, loaded, expected in (("init_from", disc.config, trainer.disc_config),
+                                 ("init_generator_from", gen.config, trainer.gen_config)):
+    keys = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+    diff = {k: (getattr(loaded, k), getattr(expected, k)) for k in keys if getattr(loaded, k) != getattr(expected, k)}
+    if diff:
+      raise ValueError(f"config.{name}: checkpoint shape differs from the config (checkpoint, config): {diff}")
+  disc_params = jax.device_get(disc.params)
+  gen_params = jax.device_get(gen.params)
+  emb = dict(disc_params["deberta"]["embeddings"])
+  sharing = trainer.models.sharing
+  if sharing == "es":
+    emb.pop("word_embeddings", None)
+  elif sharing == "gdes":  # Released E_D = E_G + E_delta, so E_delta = E_D - E_G.
+    e_g = gen_params["deberta"]["embeddings"]["word_embeddings"]["embedding"]
+    emb["word_embeddings"] = {"embedding": emb["word_embeddings"]["embedding"] - e_g}
+  disc_params = {**disc_params, "deberta": {**disc_params["deberta"], "embeddings": emb}}
+  return {"generator": gen_params, "discriminator": disc_params}
+
+
+def export(trainer: Trainer, state, workdir: str, spm_path: str | None, tag: str = "") -> str:
+  out = os.path.join(workdir, "export" + (f"_{tag}" if tag else ""))
+  gen, disc = trainer.export_params(state)
+  if jax.process_index() == 0:
+    convert.write_hf_directory(disc, trainer.disc_config, os.path.join(out, "discriminator"), head="rtd",
+                               spm_model=spm_path)
+    convert.write_hf_directory(gen, trainer.gen_config, os.path.join(out, "generator"), head="mlm",
+                               use_emd=True, spm_model=spm_path)
+    logging.info("Exported Hugging Face directories to %s/{discriminator,generator}", out)
+  return out
+
+
+def evaluate(trainer: Trainer, state, eval_batches) -> dict:
+  losses, logits, labels = [], [], []
+  for batch in eval_batches:
+    aux = jax.device_get(trainer.evaluate(state, batch))
+    losses.append({k: float(v) for k, v in aux.items() if np.ndim(v) == 0})
+    valid = np.asarray(aux["token_mask"]).astype(bool)
+    logits.append(np.asarray(aux["rtd_logits"])[valid])
+    labels.append(np.asarray(aux["rtd_labels"])[valid])
+  out = {k: float(np.mean([d[k] for d in losses])) for k in losses[0] if k not in ("tokens", "masked_tokens")}
+  out["rtd_auc"] = eval_metrics.binary_auc(np.concatenate(logits), np.concatenate(labels))
+  gen, disc = trainer.export_params(state)
+  out["cosine_E_G"] = rtd.average_pairwise_cosine(gen["deberta"]["embeddings"]["word_embeddings"]["embedding"])
+  out["cosine_E_D"] = rtd.average_pairwise_cosine(disc["deberta"]["embeddings"]["word_embeddings"]["embedding"])
+  return out
+
+
+class _Preemption:
+  """SIGTERM (TPU preemption, scancel) -> save at the next step boundary and exit cleanly."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    logging.warning("SIGTERM received: saving a checkpoint at the next step boundary, then exiting")
+    self.requested = True
+
+  def restore(self):
+    signal.signal(signal.SIGTERM, self._previous)
+
+
+def run(config, workdir: str, mode: str = "train") -> dict:
+  """mode: 'train' (resumes automatically) or 'export' (the latest checkpoint -> Hugging Face dirs)."""
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  primary = jax.process_index() == 0
+  tokenizer = prepare_vocab(config, workdir)
+  spm_path = config.data.vocab and _spm_file(config.data.vocab) or os.path.join(workdir, "spm.model")
+  config = resolve_config(config, tokenizer)
+  if primary:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+  trainer = Trainer(config)
+  ckpt = checkpoint_lib.TrainCheckpointer(os.path.join(workdir, "checkpoints"), config.train.checkpoint_every,
+                                          config.train.keep_checkpoints)
+  iterator = PretrainingIterator(data_config(config, tokenizer), tokenizer)
+  latest = ckpt.latest_step()
+  if latest is not None:
+    state, data_states = ckpt.restore(latest, trainer.abstract_state)
+    iterator.set_state(data_states[jax.process_index()])
+    logging.info("Resumed from %s/checkpoints/%d", workdir, latest)
+  elif mode == "export":
+    raise FileNotFoundError(f"{workdir}/checkpoints: no checkpoint to export")
+  elif config.init_from:
+    state = trainer.state_from_params(initial_params_from(config, trainer), config.seed)
+    logging.info("Initialised from %s and %s", config.init_from, config.init_generator_from)
+  else:
+    state = trainer.init(config.seed)
+  if mode == "export":
+    export(trainer, state, workdir, spm_path, tag=f"step{int(state.step)}")
+    ckpt.close()
+    return {}
+
+  eval_iterator = PretrainingIterator(data_config(config, tokenizer, EVAL_SEED_OFFSET), tokenizer)
+  eval_batches = [next(eval_iterator) for _ in range(EVAL_BATCHES)]
+  writer = MetricWriter(workdir, enabled=primary)
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(trainer.abstract_state.params))
+  logging.info("RTD pretraining: %s sharing, discriminator %d layers, generator %d layers, %s trainable "
+               "parameters, mesh %s, %d devices", config.rtd.embedding_sharing, trainer.disc_config.num_hidden_layers,
+               trainer.gen_config.num_hidden_layers, f"{n_params:,}", dict(trainer.mesh.shape), jax.device_count())
+  step_flops = flops.rtd_step_flops(trainer.disc_config, trainer.gen_config, config.train.batch_size,
+                                    config.data.seq_len, trainer.num_predictions)
+  peak = flops.peak_flops_per_device() * jax.device_count()
+  tokens_per_step = config.train.batch_size * config.data.seq_len
+
+  preemption = _Preemption()
+  step = int(state.step)
+  last_log_time, last_log_step, history = time.time(), step, {}
+  try:
+    while step < config.train.steps:
+      state, metrics = trainer.step(state, next(iterator))
+      step += 1
+      if step % config.train.log_every == 0 or step == config.train.steps:
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        elapsed = time.time() - last_log_time
+        steps_done = step - last_log_step
+        metrics["tokens_per_sec"] = tokens_per_step * steps_done / elapsed
+        metrics["mfu"] = step_flops * steps_done / elapsed / peak
+        writer.write(step, metrics)
+        history[step] = metrics
+        last_log_time, last_log_step = time.time(), step
+      if step % config.train.eval_every == 0 or step == config.train.steps:
+        writer.write(step, evaluate(trainer, state, eval_batches), prefix="eval")
+        last_log_time = time.time()  # Evaluation time is not training throughput.
+      final = step == config.train.steps
+      if preemption.requested or final or ckpt.manager.should_save(step):
+        ckpt.save(step, state, _all_data_states(iterator), force=preemption.requested or final)
+      if preemption.requested:
+        ckpt.wait()
+        logging.warning("Saved step %d after SIGTERM; exiting", step)
+        break
+    else:
+      if config.train.export_at_end:
+        export(trainer, state, workdir, spm_path)
+  finally:
+    preemption.restore()
+    ckpt.close()
+    writer.close()
+  return history
+
+
+def _spm_file(path: str) -> str:
+  return os.path.join(path, "spm.model") if os.path.isdir(path) else path
