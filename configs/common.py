@@ -75,6 +75,7 @@ def pretrain_config(model: ml_collections.ConfigDict, *, lr: float, batch_size: 
   c.train.checkpoint_every = 2000
   c.train.keep_checkpoints = 3
   c.train.export_at_end = True
+  c.train.max_steps_per_run = 0  # >0: stop (after saving) once this many steps ran in this invocation.
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # -1: all remaining devices.

@@ -43,7 +43,20 @@ def initialize_distributed():
                jax.process_count(), jax.local_device_count(), jax.device_count())
 
 
+def _quiet_library_logs():
+  """Orbax logs every save step at INFO; keep its warnings, drop its chatter from our progress log."""
+  import logging as std_logging
+
+  class DropOrbaxInfo(std_logging.Filter):
+    def filter(self, record):
+      return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
+
+  for handler in std_logging.getLogger().handlers + [logging.get_absl_handler()]:
+    handler.addFilter(DropOrbaxInfo())
+
+
 def main(argv):
+  _quiet_library_logs()
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = _CONFIG.value

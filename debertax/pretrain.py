@@ -164,7 +164,10 @@ class _Preemption:
 
 
 def run(config, workdir: str, mode: str = "train") -> dict:
-  """mode: 'train' (resumes automatically) or 'export' (the latest checkpoint -> Hugging Face dirs)."""
+  """mode: 'train' (resumes automatically) or 'export' (the latest checkpoint -> Hugging Face dirs).
+
+  Returns {"train": {step: metrics}, "eval": {step: metrics}} for the logged steps of this invocation.
+  """
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   primary = jax.process_index() == 0
@@ -194,7 +197,7 @@ def run(config, workdir: str, mode: str = "train") -> dict:
   if mode == "export":
     export(trainer, state, workdir, spm_path, tag=f"step{int(state.step)}")
     ckpt.close()
-    return {}
+    return {"train": {}, "eval": {}}
 
   eval_iterator = PretrainingIterator(data_config(config, tokenizer, EVAL_SEED_OFFSET), tokenizer)
   eval_batches = [next(eval_iterator) for _ in range(EVAL_BATCHES)]
@@ -210,9 +213,17 @@ def run(config, workdir: str, mode: str = "train") -> dict:
 
   preemption = _Preemption()
   step = int(state.step)
-  last_log_time, last_log_step, history = time.time(), step, {}
+  # A job with a wall-clock limit can stop after max_steps_per_run steps; the next run resumes.
+  stop_at = config.train.steps
+  if config.train.get("max_steps_per_run", 0) > 0:
+    stop_at = min(stop_at, step + config.train.max_steps_per_run)
+  history = {"train": {}, "eval": {}}  # step -> metrics, returned to the caller.
+  if step == 0:  # The untrained baseline, so every curve starts from a measured point.
+    history["eval"][0] = evaluate(trainer, state, eval_batches)
+    writer.write(0, history["eval"][0], prefix="eval")
+  last_log_time, last_log_step = time.time(), step
   try:
-    while step < config.train.steps:
+    while step < stop_at:
       state, metrics = trainer.step(state, next(iterator))
       step += 1
       if step % config.train.log_every == 0 or step == config.train.steps:
@@ -222,12 +233,13 @@ def run(config, workdir: str, mode: str = "train") -> dict:
         metrics["tokens_per_sec"] = tokens_per_step * steps_done / elapsed
         metrics["mfu"] = step_flops * steps_done / elapsed / peak
         writer.write(step, metrics)
-        history[step] = metrics
+        history["train"][step] = metrics
         last_log_time, last_log_step = time.time(), step
       if step % config.train.eval_every == 0 or step == config.train.steps:
-        writer.write(step, evaluate(trainer, state, eval_batches), prefix="eval")
+        history["eval"][step] = evaluate(trainer, state, eval_batches)
+        writer.write(step, history["eval"][step], prefix="eval")
         last_log_time = time.time()  # Evaluation time is not training throughput.
-      final = step == config.train.steps
+      final = step == stop_at
       if preemption.requested or final or ckpt.manager.should_save(step):
         ckpt.save(step, state, _all_data_states(iterator), force=preemption.requested or final)
       if preemption.requested:
@@ -235,8 +247,10 @@ def run(config, workdir: str, mode: str = "train") -> dict:
         logging.warning("Saved step %d after SIGTERM; exiting", step)
         break
     else:
-      if config.train.export_at_end:
+      if step == config.train.steps and config.train.export_at_end:
         export(trainer, state, workdir, spm_path)
+      elif step < config.train.steps:
+        logging.info("Stopped after %d steps this run (train.max_steps_per_run); rerun to resume", step)
   finally:
     preemption.restore()
     ckpt.close()

@@ -16,17 +16,23 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import linen as nn
-from flax import traverse_util
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.experimental import multihost_utils
 
 from debertax import optimizer as optimizer_lib
 from debertax import rtd, sharding
 from debertax.config import ModelConfig
 
 BATCH_KEYS = ("input_ids", "original_ids", "attention_mask", "mlm_mask")
+# What `PretrainingIterator` yields for each key ([B, L] arrays).
+BATCH_DTYPES = {"input_ids": jnp.int32, "original_ids": jnp.int32, "attention_mask": jnp.int32,
+                "mlm_mask": jnp.bool_}
+# How a scalar metric of `rtd.RTDModels.losses` combines over microbatches: a mean over masked slots,
+# a mean over real tokens, or a count.
+_PER_MASKED_METRICS = ("mlm_loss", "mlm_accuracy", "replaced_of_masked")
+_PER_TOKEN_METRICS = ("rtd_loss", "rtd_accuracy", "replaced_ratio")
+_COUNT_METRICS = ("masked_tokens", "tokens")
 PARTS = ("generator", "discriminator")
 
 
@@ -67,12 +73,13 @@ class Trainer:
       self.tx, self.schedule = optimizer_lib.make_optimizer(config.train)
 
     self.batch_sharding = sharding.batch_sharding(self.mesh)
+    self.microbatches = _check_microbatches(config, self.mesh)
     self.abstract_boxed = jax.eval_shape(self._init_boxed, jax.random.PRNGKey(0))
     self.param_shardings = sharding.logical_shardings(self.abstract_boxed.params, self.mesh)
     self.state_shardings = TrainState(
         step=sharding.replicated(self.mesh), params=self.param_shardings,
-        opt_state=_opt_state_shardings(self.abstract_boxed.opt_state, self.abstract_boxed.params,
-                                       self.param_shardings, self.mesh),
+        opt_state=sharding.opt_state_shardings(self.abstract_boxed.opt_state, self.abstract_boxed.params,
+                                               self.param_shardings, self.mesh),
         rng=sharding.replicated(self.mesh))
     self.abstract_state = jax.tree_util.tree_map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.unbox(self.abstract_boxed),
@@ -81,7 +88,9 @@ class Trainer:
     self._init = jax.jit(lambda rng: nn.unbox(self._init_boxed(rng)), out_shardings=self.state_shardings)
     self._step = jax.jit(self._train_step, in_shardings=(self.state_shardings, batch_shardings),
                          out_shardings=(self.state_shardings, sharding.replicated(self.mesh)), donate_argnums=0)
-    self._eval = jax.jit(self._eval_step, in_shardings=(self.state_shardings, batch_shardings))
+    # Replicated outputs: every process can read the per-token arrays of a batch spread over all hosts.
+    self._eval = jax.jit(self._eval_step, in_shardings=(self.state_shardings, batch_shardings),
+                         out_shardings=sharding.replicated(self.mesh))
 
   # State ------------------------------------------------------------------------------------------
   def _init_boxed(self, rng):
@@ -109,7 +118,7 @@ class Trainer:
 
   # Step -------------------------------------------------------------------------------------------
   def _context(self):
-    return _MeshRules(self.mesh)
+    return sharding.MeshRules(self.mesh)
 
   def _loss(self, params, batch, rng, deterministic=False):
     return self.models.losses(params, batch, rng, num_predictions=self.num_predictions,
@@ -118,7 +127,7 @@ class Trainer:
 
   def _train_step(self, state: TrainState, batch):
     rng = jax.random.fold_in(state.rng, state.step)
-    (loss, aux), grads = jax.value_and_grad(self._loss, has_aux=True)(state.params, batch, rng)
+    grads, metrics = self._gradients(state.params, batch, rng)
     if self.decoupled:
       new_params, new_opt = {}, {}
       for part in PARTS:
@@ -127,7 +136,6 @@ class Trainer:
     else:
       updates, new_opt = self.tx.update(grads, state.opt_state, state.params)
       new_params = optax.apply_updates(state.params, updates)
-    metrics = {k: v for k, v in aux.items() if jnp.ndim(v) == 0}
     metrics["grad_norm"] = optax.global_norm(grads)
     metrics["learning_rate"] = self.schedule(state.step)
     return TrainState(step=state.step + 1, params=new_params, opt_state=new_opt, rng=state.rng), metrics
@@ -136,9 +144,79 @@ class Trainer:
     with self._context():
       return self._step(state, self.global_batch(batch))
 
+  def _gradients(self, params, batch, rng):
+    """(gradients of the total loss over the whole batch, its scalar metrics).
+
+    With config.train.microbatches = M > 1 a lax.scan runs the batch in M slices and sums their
+    gradients, so activations are held for B/M sequences at a time. Each slice's loss is weighted by
+    its share of the batch's masked slots (MLM) and real tokens (RTD), which makes the sum exactly the
+    full batch's gradient; only the random draws (dropout, generator samples) differ, per slice.
+    """
+    grad_fn = jax.value_and_grad(self._loss, has_aux=True)
+    if self.microbatches == 1:
+      (_, aux), grads = grad_fn(params, batch, rng)
+      return grads, {k: v for k, v in aux.items() if jnp.ndim(v) == 0}
+
+    rtd_lambda = float(self.config.rtd.rtd_lambda)
+    # The normalisers of rtd.RTDModels.losses for the whole batch: masked slots (at most
+    # num_predictions per sequence) and real tokens.
+    masked_total = jnp.maximum(jnp.minimum(batch["mlm_mask"].sum(axis=1), self.num_predictions).sum(), 1)
+    tokens_total = jnp.maximum(batch["attention_mask"].sum(), 1)
+
+    def slice_objective(p, micro, micro_rng):
+      _, aux = self._loss(p, micro, micro_rng)
+      weighted = (aux["mlm_loss"] * aux["masked_tokens"] / masked_total
+                  + rtd_lambda * aux["rtd_loss"] * aux["tokens"] / tokens_total)
+      return weighted, {k: v for k, v in aux.items() if jnp.ndim(v) == 0}
+
+    def body(grad_sum, inputs):
+      index, micro = inputs
+      grads, aux = jax.grad(slice_objective, has_aux=True)(params, micro, jax.random.fold_in(rng, index))
+      grad_sum = jax.tree_util.tree_map(jnp.add, grad_sum, grads)
+      return jax.lax.with_sharding_constraint(grad_sum, self.param_shardings), aux
+
+    zeros = jax.lax.with_sharding_constraint(jax.tree_util.tree_map(jnp.zeros_like, params), self.param_shardings)
+    grads, per_slice = jax.lax.scan(body, zeros, (jnp.arange(self.microbatches), self._split_batch(batch)))
+    return grads, _combine_slice_metrics(per_slice, rtd_lambda)
+
+  def _split_batch(self, batch) -> dict:
+    """[B, ...] -> [M, B/M, ...]: slice m takes rows m, m+M, ..., so each device keeps its own rows and
+    every slice is spread over the same devices as the batch."""
+    slice_sharding = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(None, ("data", "fsdp")))
+
+    def split(x):
+      x = jnp.swapaxes(x.reshape((x.shape[0] // self.microbatches, self.microbatches) + x.shape[1:]), 0, 1)
+      return jax.lax.with_sharding_constraint(x, slice_sharding)
+
+    return {key: split(batch[key]) for key in BATCH_KEYS}
+
+  def abstract_batch(self) -> dict:
+    """ShapeDtypeStructs (with the batch sharding) of one global batch: what the step is compiled for."""
+    shape = (int(self.config.train.batch_size), int(self.config.data.seq_len))
+    return {k: jax.ShapeDtypeStruct(shape, BATCH_DTYPES[k], sharding=self.batch_sharding) for k in BATCH_KEYS}
+
+  def lower_step(self):
+    """The jitted train step lowered for the abstract state and batch; allocates no parameters."""
+    with self._context():
+      return self._step.lower(self.abstract_state, self.abstract_batch())
+
   def _eval_step(self, state: TrainState, batch):
-    _, aux = self._loss(state.params, batch, jax.random.fold_in(state.rng, 2**31 - 1), deterministic=True)
-    return aux
+    rng = jax.random.fold_in(state.rng, 2**31 - 1)
+    if self.microbatches == 1:
+      _, aux = self._loss(state.params, batch, rng, deterministic=True)
+      return aux
+
+    def body(_, inputs):  # Forward only, in the same slices as the train step (it would not fit otherwise).
+      index, micro = inputs
+      return None, self._loss(state.params, micro, jax.random.fold_in(rng, index), deterministic=True)[1]
+
+    _, per_slice = jax.lax.scan(body, None, (jnp.arange(self.microbatches), self._split_batch(batch)))
+    scalars = {k: v for k, v in per_slice.items() if v.ndim == 1}
+    out = _combine_slice_metrics(scalars, float(self.config.rtd.rtd_lambda))
+    for key, value in per_slice.items():
+      if key not in scalars:  # [M, B/M, ...] -> [B, ...] in the batch's row order (see _split_batch).
+        out[key] = jnp.swapaxes(value, 0, 1).reshape((-1,) + value.shape[2:])
+    return out
 
   def evaluate(self, state: TrainState, batch) -> dict:
     with self._context():
@@ -152,59 +230,46 @@ class Trainer:
   # Data -------------------------------------------------------------------------------------------
   def global_batch(self, local_batch) -> dict:
     """This host's rows -> global arrays sharded over data x fsdp (each host passes only its rows)."""
-    out = {}
-    for key in BATCH_KEYS:
-      value = local_batch[key]
-      if isinstance(value, jax.Array) and value.sharding == self.batch_sharding:
-        out[key] = value
-        continue
-      value = np.asarray(value)
-      global_shape = (value.shape[0] * jax.process_count(),) + value.shape[1:]
-      out[key] = jax.make_array_from_process_local_data(self.batch_sharding, value, global_shape)
-    return out
+    return sharding.global_batch(local_batch, self.batch_sharding, BATCH_KEYS)
 
   # Export -----------------------------------------------------------------------------------------
   def export_params(self, state: TrainState) -> tuple[dict, dict]:
-    """Host copies of (generator, discriminator) parameters; the discriminator embedding is E_G + E_delta."""
-    params = jax.device_get(state.params)
+    """Host copies of (generator, discriminator) parameters; the discriminator embedding is E_G + E_delta.
+
+    Every process gets whole arrays: process_allgather assembles each leaf over the mesh (on one process
+    it is a plain copy), one leaf at a time, so no device ever holds more than one whole parameter extra.
+    """
+    params = multihost_utils.process_allgather(state.params, tiled=True)
     return params["generator"], jax.device_get(self.models.discriminator_params(params, for_export=True))
 
 
-class _MeshRules:
-  """Mesh + logical-axis rules in scope, so the model's activation constraints resolve."""
-
-  def __init__(self, mesh):
-    self.mesh = mesh
-    self._stack = []
-
-  def __enter__(self):
-    rules = nn.logical_axis_rules(sharding.LOGICAL_RULES)
-    self._stack = [rules, jax.set_mesh(self.mesh)]
-    for ctx in self._stack:
-      ctx.__enter__()
-    return self
-
-  def __exit__(self, *exc):
-    for ctx in reversed(self._stack):
-      ctx.__exit__(*exc)
+def _check_microbatches(config, mesh) -> int:
+  """config.train.microbatches (default 1), checked against the batch size and the batch sharding."""
+  microbatches = int(config.train.get("microbatches", 1))
+  batch_size = int(config.train.batch_size)
+  if microbatches < 1 or batch_size % microbatches:
+    raise ValueError(f"config.train.microbatches={microbatches} must be >= 1 and divide "
+                     f"config.train.batch_size={batch_size}")
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  if (batch_size // microbatches) % shards:
+    raise ValueError(f"config.train.batch_size={batch_size} / config.train.microbatches={microbatches} = "
+                     f"{batch_size // microbatches} sequences per microbatch, not divisible by the "
+                     f"{shards}-way batch sharding (config.mesh data x fsdp)")
+  return microbatches
 
 
-def _opt_state_shardings(abstract_opt_state, abstract_params, param_shardings, mesh):
-  """Optimizer leaves that mirror a parameter (Adam's mu/nu) take its sharding; the rest is replicated.
-
-  Matching is by the dict-key path that ends the leaf's tree path, plus the shape.
-  """
-  flat_params = traverse_util.flatten_dict(nn.unbox(abstract_params))
-  flat_shardings = traverse_util.flatten_dict(param_shardings)
-  replicated = NamedSharding(mesh, PartitionSpec())
-
-  def pick(path, leaf):
-    keys = tuple(p.key for p in path if isinstance(p, jax.tree_util.DictKey))
-    for start in range(len(keys)):
-      candidate = keys[start:]
-      if candidate in flat_params and flat_params[candidate].shape == leaf.shape:
-        return flat_shardings[candidate]
-    return replicated
-
-  unboxed = nn.unbox(abstract_opt_state)
-  return jax.tree_util.tree_map_with_path(pick, unboxed)
+def _combine_slice_metrics(per_slice: dict, rtd_lambda: float) -> dict:
+  """[M]-stacked scalar metrics of the microbatches -> the whole batch's values."""
+  masked, tokens = per_slice["masked_tokens"], per_slice["tokens"]
+  out = {}
+  for key, values in per_slice.items():
+    if key in _PER_MASKED_METRICS:
+      out[key] = jnp.sum(values * masked) / jnp.maximum(masked.sum(), 1)
+    elif key in _PER_TOKEN_METRICS:
+      out[key] = jnp.sum(values * tokens) / jnp.maximum(tokens.sum(), 1)
+    elif key in _COUNT_METRICS:
+      out[key] = values.sum()
+    elif key != "loss":
+      raise ValueError(f"config.train.microbatches: no rule to combine the metric {key!r} over microbatches")
+  out["loss"] = out["mlm_loss"] + rtd_lambda * out["rtd_loss"]
+  return out
