@@ -23,7 +23,8 @@ _HF_KEYS_WITHOUT_EFFECT = frozenset({
 })
 
 # Our runtime fields that are not part of a checkpoint's architecture (HF's "dtype" means something else).
-RUNTIME_FIELDS = frozenset({"dtype", "param_dtype", "attention_impl", "query_block_size", "remat"})
+RUNTIME_FIELDS = frozenset({"dtype", "param_dtype", "attention_impl", "query_block_size", "remat",
+                            "flash_backend", "flash_block_q", "flash_block_k"})
 
 ACTIVATIONS = ("gelu", "gelu_new", "gelu_python", "gelu_fast", "relu", "tanh", "silu", "swish", "sigmoid")
 
@@ -66,6 +67,9 @@ class ModelConfig:
   attention_impl: str = "xla"  # "xla" or "flash" (the Pallas kernel).
   query_block_size: int = 0  # >0: the XLA path processes queries in blocks of this size (long sequences).
   remat: bool = False  # Rematerialise each encoder layer in the backward pass.
+  flash_backend: str = "auto"  # auto | tpu | gpu | interpret | tpu_interpret (the Pallas kernel's target).
+  flash_block_q: int = 0  # Flash kernel tile sizes; 0 = the backend's default (TPU 128, GPU 64).
+  flash_block_k: int = 0
 
   def __post_init__(self):
     if isinstance(self.pos_att_type, str):
@@ -83,6 +87,8 @@ class ModelConfig:
         raise ValueError(f"model.{key}={getattr(self, key)!r} is not one of {ACTIVATIONS}")
     if self.attention_impl not in ("xla", "flash"):
       raise ValueError(f"model.attention_impl={self.attention_impl!r}: use 'xla' or 'flash'")
+    if self.flash_backend not in ("auto", "tpu", "gpu", "interpret", "tpu_interpret"):
+      raise ValueError(f"model.flash_backend={self.flash_backend!r}: use auto, tpu, gpu, interpret or tpu_interpret")
     if self.dtype not in ("float32", "bfloat16", "float16"):
       raise ValueError(f"model.dtype={self.dtype!r}: use float32, bfloat16 or float16")
     if self.norm_rel_ebd not in ("none", "layer_norm"):
