@@ -4,6 +4,7 @@
     hidden = model.encode(input_ids, attention_mask)          # np.ndarray [B, L, D]
     hidden = model.encode(["some text", "more text"])        # tokenises with spm.model
     logits = model.mlm_logits(...) / model.rtd_logits(...) / model.classify(...)
+    predictor = model.predictor()   # bucketed batch inference on texts: classify, fill_mask, rtd_scores, embed
     debertax.save_pretrained(model, "out_dir", format="hf" | "orbax")
 """
 
@@ -86,6 +87,11 @@ class PretrainedDeberta:
     self._require("cls", "classify")
     ids, mask, types = self._inputs(input_ids, attention_mask, token_type_ids)
     return np.asarray(_apply(self.config, "cls", False)(self.params, ids, mask, types))
+
+  def predictor(self, max_length: int = 512, batch_size: int = 32, min_length: int = 16):
+    """A `debertax.inference.Predictor`: texts in, padded to a few bucket lengths so nothing recompiles per batch."""
+    from debertax.inference import Predictor
+    return Predictor(self, max_length=max_length, batch_size=batch_size, min_length=min_length)
 
 
 @functools.lru_cache(maxsize=32)

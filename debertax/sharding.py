@@ -88,3 +88,61 @@ def describe_param_sharding(boxed_tree) -> dict[str, str]:
     used.update(a for a in spec if a)
   rules = dict(LOGICAL_RULES)
   return {axis: str(rules.get(axis)) for axis in sorted(used)}
+
+
+class MeshRules:
+  """Mesh + logical-axis rules in scope, so the model's activation constraints resolve.
+
+      with MeshRules(mesh):
+        out = jitted_step(state, batch)
+  """
+
+  def __init__(self, mesh: Mesh):
+    self.mesh = mesh
+    self._stack = []
+
+  def __enter__(self):
+    self._stack = [nn.logical_axis_rules(LOGICAL_RULES), jax.set_mesh(self.mesh)]
+    for ctx in self._stack:
+      ctx.__enter__()
+    return self
+
+  def __exit__(self, *exc):
+    for ctx in reversed(self._stack):
+      ctx.__exit__(*exc)
+
+
+def opt_state_shardings(abstract_opt_state, abstract_params, param_shardings, mesh: Mesh):
+  """Optimizer leaves that mirror a parameter (Adam's mu/nu) take its sharding; the rest is replicated.
+
+  Matching is by the dict-key path that ends the leaf's tree path, plus the shape.
+  """
+  from flax import traverse_util
+  flat_params = traverse_util.flatten_dict(nn.unbox(abstract_params))
+  flat_shardings = traverse_util.flatten_dict(param_shardings)
+  replicated_sharding = replicated(mesh)
+
+  def pick(path, leaf):
+    keys = tuple(p.key for p in path if isinstance(p, jax.tree_util.DictKey))
+    for start in range(len(keys)):
+      candidate = keys[start:]
+      if candidate in flat_params and flat_params[candidate].shape == leaf.shape:
+        return flat_shardings[candidate]
+    return replicated_sharding
+
+  return jax.tree_util.tree_map_with_path(pick, nn.unbox(abstract_opt_state))
+
+
+def global_batch(local_batch: dict, sharding: NamedSharding, keys=None) -> dict:
+  """This host's rows -> global arrays with `sharding` (each host passes only its rows; the global
+  leading dimension is the local one times the number of processes). `keys`: which entries (default all)."""
+  out = {}
+  for key in (local_batch if keys is None else keys):
+    value = local_batch[key]
+    if isinstance(value, jax.Array) and value.sharding == sharding:
+      out[key] = value
+      continue
+    value = np.asarray(value)
+    global_shape = (value.shape[0] * jax.process_count(),) + value.shape[1:]
+    out[key] = jax.make_array_from_process_local_data(sharding, value, global_shape)
+  return out
