@@ -3,14 +3,29 @@
     score[i, j] = (Q_i . K_j  +  Q_i . Kr[idx(i-j)]  +  K_j . Qr[idx(i-j)]) / sqrt(d * (1 + #terms))
 
 Kr / Qr are the shared (or separate, older v2) projections of the LayerNorm'd relative table P [2k, D],
-projected once per layer and shared by the whole batch. Because idx depends only on i - j, we never gather
-with an [L, L] index. Instead:
-  1. a static gather maps the 2k table rows to the 2L - 1 distances (a tiny [2L-1, H, d] table),
-  2. one matmul per term against those distances gives [.., rows, 2L-1],
-  3. `relative_shift` (pad + reshape, no gather) turns that into [.., rows, L].
-With `query_block_size > 0` the queries are processed in blocks under `lax.map` with rematerialisation, so
-the live score memory is [B, H, block, L] instead of [B, H, L, L]: that is the long-sequence path.
-Scores, the mask and the softmax are float32 whatever the compute dtype.
+projected once per layer and shared by the whole batch. Because idx depends only on i - j we never gather
+with an [L, L] index; a static gather maps the 2k table rows to the 2L - 1 distances ([2L-1, H, d], tiny),
+and the c2p / p2c terms are block-wise Toeplitz products:
+
+* Full path (the default up to AUTO_BLOCKED_MIN_LENGTH tokens). Queries are cut into row blocks of T rows
+  (`toeplitz_rows`); a block of T query rows reaches only L + T - 1 distances, so one [B*T, d] x [d, L+T-1]
+  matmul per (head, block) against that window of the distance table, followed by `relative_shift` (a
+  reshape/slice skew, no gather), gives the block's c2p scores [T, L]. p2c is the same with key blocks
+  against the Qr window, which yields p2c transposed ([key, query]); the transpose is folded into the
+  fusion that adds the terms. Compared with the full [L, 2L-1] Toeplitz product this computes (L+T-1)/L
+  instead of 2x the useful columns. Layouts are head- and block-major ([H, blocks, B*T, d]) so the batch
+  folds into the matmul rows, the windows are shared by the whole batch, and the skew is a reshape of the
+  matmul output with no transpose in between.
+* Query-blocked path (`query_block_size > 0`, or automatic beyond AUTO_BLOCKED_MIN_LENGTH). Query blocks
+  of Tq rows run under `lax.map` with `jax.checkpoint`, so live score memory is [B, H, Tq, L] instead of
+  [B, H, L, L] in the forward and the backward pass. Log buckets saturate: for |i - j| >= S (S = 512 for
+  the released configurations) idx(i - j) is the first or last table row, so Q_i . Kr[idx] and
+  K_j . Qr[idx] do not depend on the exact distance there. Per query block, only the key tiles within S of
+  it (a band of about 2S + 3Tq keys) get the Toeplitz products; the far keys get per-row / per-key
+  constants (Q_i . Kr[first/last], K_j . Qr[first/last]). Long sequences thus cost O(L * S) for the
+  position terms instead of O(L^2) (only the content term stays O(L^2)).
+
+Scores, the mask and the softmax are float32 whatever the compute dtype (`preferred_element_type`).
 """
 
 from __future__ import annotations
@@ -26,42 +41,163 @@ from debertax import layers
 from debertax.config import ModelConfig
 from debertax.relative_position import distance_to_table_index
 
+# query_block_size == 0 means "automatic": the full path up to this many tokens, the query-blocked path
+# beyond (its memory is linear in L per block instead of quadratic). Both give the same numbers.
+AUTO_BLOCKED_MIN_LENGTH = 1024
+AUTO_QUERY_BLOCK = 128
+
+
+def toeplitz_rows(length: int) -> int:
+  """Rows T per Toeplitz block on the full path (tuned on the CPU with benchmarks/bench.py).
+
+  Small T wastes less (the window is L + T - 1 columns for L useful ones) but makes more, thinner window
+  copies and matmuls; about L/8 between 16 and 64 measured best at L = 128 and 512.
+  """
+  return int(min(64, max(16, length // 8)))
+
+
+def auto_query_block(length: int, query_block_size: int) -> int:
+  """The query block the XLA path uses for this length: 0 means the full (unblocked) path."""
+  if query_block_size > 0:
+    return query_block_size if query_block_size < length else 0
+  return AUTO_QUERY_BLOCK if length > AUTO_BLOCKED_MIN_LENGTH else 0
+
+
+def attention_core_flops(cfg: ModelConfig, batch: int, length: int) -> float:
+  """Forward matmul FLOPs of one layer's attention core (Q K^T, probs x V, c2p, p2c) as this XLA path
+  computes them: including the Toeplitz windows' extra columns, the padding to whole blocks and, on the
+  blocked path, the saturated far-key constants. The projections are not included."""
+  heads, dim = cfg.num_attention_heads, cfg.head_dim
+  terms = cfg.pos_att_type if cfg.relative_attention else ()
+  block = auto_query_block(length, cfg.query_block_size)
+  if block == 0:
+    flops = 2 * 2.0 * batch * heads * length * length * dim
+    if terms:
+      rows = toeplitz_rows(length)
+      padded = -(-length // rows) * rows
+      flops += len(terms) * 2.0 * batch * heads * padded * (length + rows - 1) * dim
+    return flops
+  num_blocks = -(-length // block)
+  padded = num_blocks * block
+  flops = 2 * 2.0 * batch * heads * padded * padded * dim
+  if not terms:
+    return flops
+  saturation = saturation_distance(distance_to_table_index(length, cfg.position_buckets, cfg.max_relative_span))
+  near = -(-(saturation - 1) // block) if saturation > 1 else 0
+  span = min(2 * near + 1, num_blocks)
+  far = span < num_blocks
+  if "c2p" in terms:  # per query block: [B*Tq, d] x [d, span*Tq + Tq - 1], plus Q . Kr[first, last]
+    flops += 2.0 * batch * heads * padded * (span * block + block - 1 + (2 if far else 0)) * dim
+  if "p2c" in terms:  # per query block: span tiles of [B*Tq, d] x [d, 2Tq - 1], plus K . Qr[first, last] once
+    flops += 2.0 * batch * heads * padded * (span * (2 * block - 1) + (2 if far else 0)) * dim
+  return flops
+
+
+def reachable_table_rows(dist_index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """(rows, row_of_distance): the sorted table rows that distances within L reach, and for each distance
+  its position in `rows`, so that table[rows][row_of_distance] == table[dist_index]."""
+  rows, row_of_distance = np.unique(np.asarray(dist_index), return_inverse=True)
+  return rows, row_of_distance.astype(np.int32)
+
+
+def saturation_distance(dist_index: np.ndarray) -> int:
+  """Smallest S such that the table index is constant on each side for every |i - j| >= S.
+
+  dist_index [2L-1] is `distance_to_table_index(L, ...)` (element r + L - 1 for distance r). Returns L when
+  the index never saturates within the sequence (then no distance may be treated as "far").
+  """
+  dist_index = np.asarray(dist_index)
+  length = (dist_index.shape[0] + 1) // 2
+  r = np.arange(-(length - 1), length)
+  positive_varies = (r >= 0) & (dist_index != dist_index[-1])
+  negative_varies = (r <= 0) & (dist_index != dist_index[0])
+  s_pos = int(r[positive_varies].max()) + 1 if positive_varies.any() else 0
+  s_neg = int(-r[negative_varies].min()) + 1 if negative_varies.any() else 0
+  s = max(s_pos, s_neg)
+  return length if s >= length - 1 else s
+
 
 def relative_shift(x: jax.Array) -> jax.Array:
   """[..., R, W] -> [..., R, W - R + 1] with y[..., r, t] = x[..., r, t + (R - 1) - r].
 
-  The classic pad/reshape skew: each row r is read starting (R - 1 - r) columns in, with no gather.
+  The skew reads row r starting (R - 1 - r) columns in. In the flattened [R * W] view that element sits at
+  (R - 1) + r * (W - 1) + t, so it is one slice of the flat array, a reshape to rows of W - 1, and a
+  column slice: no gather and no padding (about 2x faster on the CPU than the classic pad/reshape skew).
   """
   *lead, rows, width = x.shape
-  x = jnp.pad(x, [(0, 0)] * len(lead) + [(0, 0), (0, 1)])
-  x = x.reshape(*lead, rows * (width + 1))
-  x = jax.lax.slice_in_dim(x, rows - 1, rows - 1 + rows * width, axis=-1)
-  x = x.reshape(*lead, rows, width)
-  return x[..., : width - rows + 1]
+  if rows == 1:  # Nothing to skew (and the rows of W - 1 below would be one column short).
+    return x
+  flat = x.reshape(*lead, rows * width)
+  flat = jax.lax.slice_in_dim(flat, rows - 1, rows - 1 + rows * (width - 1), axis=-1)
+  return flat.reshape(*lead, rows, width - 1)[..., : width - rows + 1]
 
 
-def _block_scores(q_blk, k, kr_window, qr_window, pos_terms):
-  """Attention scores for one block of T query rows against all L keys.
+def _stacked_windows(table, starts, width):
+  """[N, ...] -> [len(starts), width, ...]: static slices table[s : s + width] (a copy, no gather)."""
+  return jnp.stack([jax.lax.slice_in_dim(table, int(s), int(s) + width, axis=0) for s in starts])
 
-  q_blk [B, T, H, d] holds query rows i0..i0+T-1, already divided by the scale; k [B, L, H, d].
-  kr_window [L+T-1, H, d]: the c2p key table in reversed-distance order, m' <-> r = (i0 + T - 1) - m'.
-  qr_window [L+T-1, H, d]: the p2c query table (scaled) in forward order, n' <-> r = i0 - (L - 1) + n'.
-  Either window may be None when its term is off. Returns float32 [B, H, T, L].
+
+def _to_blocks(x, num_blocks, rows):
+  """[B, Lp, H, d] -> [H, num_blocks, B * rows, d]: head- and block-major, batch folded into the rows."""
+  batch, _, heads, dim = x.shape
+  x = x.reshape(batch, num_blocks, rows, heads, dim).transpose(3, 1, 0, 2, 4)
+  return x.reshape(heads, num_blocks, batch * rows, dim)
+
+
+def _pad_rows(x, rows, axis=1):
+  if rows == 0:
+    return x
+  pad = [(0, 0)] * x.ndim
+  pad[axis] = (0, rows)
+  return jnp.pad(x, pad)
+
+
+def _toeplitz_terms(q, k, kr_dist, qr_dist, pos_terms, rows):
+  """The c2p and p2c scores of the full path, each [B, H, L, L] float32 (None when the term is off).
+
+  Row block b holds rows bT .. bT+T-1 (queries for c2p, keys for p2c) and reaches the distances
+  r in [bT - (L-1), bT + T - 1] (c2p) or [-(bT + T - 1), L - 1 - bT] (p2c): a window of W = L + T - 1
+  consecutive entries of the distance table, starting at Lp - T - bT in the tables extended as below.
   """
   f32 = jnp.float32
-  scores = jnp.einsum("bthd,bjhd->bhtj", q_blk, k, preferred_element_type=f32)
+  batch, length, heads, _ = q.shape
+  num_blocks = -(-length // rows)
+  padded = num_blocks * rows
+  extra = padded - length
+  width = length + rows - 1
+  starts = [padded - rows - b * rows for b in range(num_blocks)]
+
+  def skewed(x_blocks, table_ext):
+    windows = _stacked_windows(table_ext, starts, width).transpose(2, 0, 1, 3)  # [H, nb, W, d]
+    prod = jnp.einsum("hnmd,hnwd->hnmw", x_blocks, windows, preferred_element_type=f32)
+    prod = relative_shift(prod.reshape(heads, num_blocks, batch, rows, width))  # [H, nb, B, T, L]
+    return prod
+
+  c2p = p2c = None
   if "c2p" in pos_terms:
-    c2p = jnp.einsum("bthd,mhd->bhtm", q_blk, kr_window, preferred_element_type=f32)
-    scores = scores + relative_shift(c2p)
+    # Window column m of query block b is distance bT + T - 1 - m: the reversed table, whose far end is
+    # extended by `extra` rows for the padded query rows (whose scores are sliced off).
+    kr_ext = jnp.pad(kr_dist, [(0, extra), (0, 0), (0, 0)])[::-1]
+    out = skewed(_to_blocks(_pad_rows(q, extra), num_blocks, rows), kr_ext)
+    c2p = out.transpose(2, 0, 1, 3, 4).reshape(batch, heads, padded, length)[:, :, :length]
   if "p2c" in pos_terms:
-    p2c = jnp.einsum("bjhd,nhd->bhjn", k, qr_window, preferred_element_type=f32)
-    scores = scores + jnp.swapaxes(relative_shift(p2c), -1, -2)
-  return scores
+    # Window column m of key block b is distance m - (T - 1) - bT: the table in forward order, extended
+    # at the negative end for the padded key rows.
+    qr_ext = jnp.pad(qr_dist, [(extra, 0), (0, 0), (0, 0)])
+    out = skewed(_to_blocks(_pad_rows(k, extra), num_blocks, rows), qr_ext)  # [H, nb, B, T_keys, L_queries]
+    p2c = out.transpose(2, 0, 4, 1, 3).reshape(batch, heads, length, padded)[..., :length]
+  return c2p, p2c
 
 
-def _softmax_values(scores, key_mask, v, dropout_rate, dropout_rng):
-  """Masked float32 softmax over keys, optional dropout, then the weighted sum of values [B, T, H, d]."""
+def _softmax_values(scores, key_mask, v, dropout_rate, dropout_rng, real_keys=None):
+  """Masked float32 softmax over keys, optional dropout, then the weighted sum of values [B, T, H, d].
+
+  Masked keys get float32 finfo.min, so a row whose keys are all masked stays finite (uniform). Keys at or
+  beyond `real_keys` (padding added by the blocked path) get -inf, so they never take any weight.
+  """
   scores = jnp.where(key_mask[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
+  if real_keys is not None and real_keys < scores.shape[-1]:
+    scores = jnp.where(jnp.arange(scores.shape[-1]) < real_keys, scores, -jnp.inf)
   probs = jax.nn.softmax(scores, axis=-1)
   if dropout_rng is not None and dropout_rate > 0.0:
     keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
@@ -69,47 +205,129 @@ def _softmax_values(scores, key_mask, v, dropout_rate, dropout_rng):
   return jnp.einsum("bhtj,bjhd->bthd", probs.astype(v.dtype), v)
 
 
+def _full_attention(q, k, v, kr_dist, qr_dist, key_mask, pos_terms, dropout_rate, dropout_rng):
+  scores = jnp.einsum("bihd,bjhd->bhij", q, k, preferred_element_type=jnp.float32)
+  c2p, p2c = _toeplitz_terms(q, k, kr_dist, qr_dist, pos_terms, toeplitz_rows(q.shape[1]))
+  for term in (c2p, p2c):
+    if term is not None:
+      scores = scores + term
+  return _softmax_values(scores, key_mask, v, dropout_rate, dropout_rng)
+
+
+def _blocked_attention(q, k, v, kr_dist, qr_dist, key_mask, pos_terms, block, saturation,
+                       dropout_rate, dropout_rng):
+  """The query-blocked path: lax.map over query blocks of `block` rows, each rematerialised.
+
+  Keys are padded to Lp = nb * Tq and cut into key tiles of Tq. Tile (query block a, key tile c) reaches
+  the distances r in [(a - c) Tq - (Tq - 1), (a - c) Tq + Tq - 1]; it is "far" when all of them are
+  saturated (|r| >= S), i.e. |a - c| > nw = ceil((S - 1) / Tq). Each query block computes the Toeplitz
+  products for a window of `span` = min(2 nw + 1, nb) consecutive key tiles that contains every near tile
+  (clamped at the sequence ends), and fills the keys outside it with the saturated constants.
+  """
+  f32 = jnp.float32
+  batch, length, heads, dim = q.shape
+  num_blocks = -(-length // block)
+  padded = num_blocks * block
+  extra = padded - length
+  near = -(-(saturation - 1) // block) if saturation > 1 else 0
+  span = min(2 * near + 1, num_blocks)
+  reach = span * block  # Largest |distance| any window needs; the tables are extended (edge values) to it.
+
+  def extended(dist):  # [2L-1, H, d] -> [2R+1, H, d] covering r in [-R, R], row r + R.
+    if reach <= length - 1:
+      return jax.lax.slice_in_dim(dist, length - 1 - reach, length + reach, axis=0)
+    # Beyond L - 1 only padded rows or keys read the table (their scores are discarded or masked), or
+    # every distance past S is saturated: repeating the edge rows is right in both cases.
+    return jnp.pad(dist, [(reach - length + 1, reach - length + 1), (0, 0), (0, 0)], mode="edge")
+
+  q_pad = _pad_rows(q, extra)
+  k_pad = _pad_rows(k, extra)
+  v_pad = _pad_rows(v, extra)
+  mask_pad = _pad_rows(key_mask, extra)
+  use_c2p, use_p2c = "c2p" in pos_terms, "p2c" in pos_terms
+  kr_rev = extended(kr_dist)[::-1] if use_c2p else None  # row u <-> r = R - u
+  qr_ext = extended(qr_dist) if use_p2c else None  # row u <-> r = u - R
+  far = span < num_blocks
+
+  if use_p2c:
+    # Key tiles, head-major: [H, nb, B*Tq, d]. The p2c window of a tile at offset delta = a - c covers
+    # r = delta*Tq - (Tq-1) .. delta*Tq + Tq - 1 (2Tq - 1 rows); offsets within a window span
+    # [-(span-1), span-1], so all windows are static slices of the extended table.
+    k_tiles = _to_blocks(k_pad, num_blocks, block)
+    offsets = np.arange(-(span - 1), span)
+    tile_windows = _stacked_windows(qr_ext, reach + offsets * block - (block - 1), 2 * block - 1)
+    tile_windows = tile_windows[::-1].transpose(2, 0, 1, 3)  # [H, 2span-1, 2Tq-1, d], offset span-1 first
+    if far:
+      # K_j . Qr[first / last row]: keys far to the left of the query (r >= S) and far to the right.
+      p2c_left = jnp.einsum("bjhd,hd->bhj", k_pad, qr_ext[-1], preferred_element_type=f32)
+      p2c_right = jnp.einsum("bjhd,hd->bhj", k_pad, qr_ext[0], preferred_element_type=f32)
+
+  @jax.checkpoint
+  def one_block(args):
+    block_index, q_blk = args  # q_blk [B, Tq, H, d]
+    first_tile = jnp.clip(block_index - near, 0, num_blocks - span)
+    lo = first_tile * block  # first key of the window
+    scores = jnp.einsum("bthd,bjhd->bhtj", q_blk, k_pad, preferred_element_type=f32)  # [B, H, Tq, Lp]
+    band = None
+    if use_c2p:
+      # Window column m <-> r = (i0 + Tq - 1 - lo) - m, m in [0, span*Tq + Tq - 1): reversed table rows
+      # starting at R - (i0 + Tq - 1 - lo).
+      start = reach - (block_index * block + block - 1 - lo)
+      window = jax.lax.dynamic_slice_in_dim(kr_rev, start, reach + block - 1, axis=0)
+      q_rows = q_blk.transpose(2, 0, 1, 3).reshape(heads, batch * block, dim)
+      c2p = jnp.einsum("hmd,whd->hmw", q_rows, window, preferred_element_type=f32)
+      c2p = relative_shift(c2p.reshape(heads, batch, block, reach + block - 1))  # [H, B, Tq, span*Tq]
+      band = c2p.transpose(1, 0, 2, 3)
+    if use_p2c:
+      tiles = jax.lax.dynamic_slice_in_dim(k_tiles, first_tile, span, axis=1)  # [H, span, B*Tq, d]
+      # Tile w (key tile first_tile + w) has offset delta = a - first_tile - w, stored at index
+      # (span - 1) - delta of tile_windows: consecutive, starting at span - 1 - (a - first_tile).
+      windows = jax.lax.dynamic_slice_in_dim(tile_windows, span - 1 - (block_index - first_tile), span, axis=1)
+      p2c = jnp.einsum("hnmd,hnwd->hnmw", tiles, windows, preferred_element_type=f32)
+      p2c = relative_shift(p2c.reshape(heads, span, batch, block, 2 * block - 1))  # [H, span, B, Tk, Tq]
+      p2c = p2c.transpose(2, 0, 4, 1, 3).reshape(batch, heads, block, span * block)
+      band = p2c if band is None else band + p2c
+    if band is not None:
+      if far:
+        key = jnp.arange(padded)
+        left = key < lo
+        right = key >= lo + span * block
+        background = jnp.zeros((batch, heads, block, padded), f32)
+        if use_c2p:
+          q_far = jnp.einsum("bthd,rhd->bhtr", q_blk, jnp.stack([kr_rev[0], kr_rev[-1]]),
+                             preferred_element_type=f32)  # r = +R (left keys), r = -R (right keys)
+          background = background + jnp.where(left, q_far[..., :1], jnp.where(right, q_far[..., 1:], 0.0))
+        if use_p2c:
+          background = background + jnp.where(left, p2c_left[:, :, None, :],
+                                              jnp.where(right, p2c_right[:, :, None, :], 0.0))
+        band = jax.lax.dynamic_update_slice_in_dim(background, band, lo, axis=3)
+      scores = scores + band
+    rng = jax.random.fold_in(dropout_rng, block_index) if dropout_rng is not None else None
+    return _softmax_values(scores, mask_pad, v_pad, dropout_rate, rng, real_keys=length)
+
+  q_blocks = jnp.moveaxis(q_pad.reshape(batch, num_blocks, block, heads, dim), 1, 0)
+  out = jax.lax.map(one_block, (jnp.arange(num_blocks), q_blocks))  # [nb, B, Tq, H, d]
+  out = jnp.moveaxis(out, 0, 1).reshape(batch, padded, heads, dim)
+  return out[:, :length]
+
+
 def disentangled_attention_xla(q, k, v, kr_dist, qr_dist, key_mask, *, pos_terms, query_block_size=0,
-                               dropout_rate=0.0, dropout_rng=None):
+                               saturation=None, dropout_rate=0.0, dropout_rng=None):
   """The XLA path.
 
   q, k, v [B, L, H, d] with q already divided by the scale; kr_dist / qr_dist [2L-1, H, d] indexed by
   r + L - 1 (qr_dist already divided by the scale; either may be None when its term is off);
-  key_mask [B, L] bool. Returns [B, L, H, d].
+  key_mask [B, L] bool. query_block_size: 0 = automatic (`auto_query_block`), > 0 = query blocks of that
+  many rows (>= L: the full path). saturation: the S of `saturation_distance` for these tables (rows at
+  |r| >= S equal the rows at +-(L-1)); None assumes no saturation. Returns [B, L, H, d].
   """
-  batch, length, heads, head_dim = q.shape
-  kr_rev = kr_dist[::-1] if kr_dist is not None else None
-
-  block = query_block_size if 0 < query_block_size < length else length
-  if block == length:
-    scores = _block_scores(q, k, kr_rev, qr_dist, pos_terms)
-    return _softmax_values(scores, key_mask, v, dropout_rate, dropout_rng)
-
-  num_blocks = -(-length // block)
-  padded = num_blocks * block
-  # Padding the distance tables by `padded - length` rows on the far side keeps every window in range.
-  extra = padded - length
-  q_blocks = jnp.pad(q, [(0, 0), (0, extra), (0, 0), (0, 0)]).reshape(batch, num_blocks, block, heads, head_dim)
-  q_blocks = jnp.moveaxis(q_blocks, 1, 0)
-  kr_pad = jnp.pad(kr_rev, [(extra, 0), (0, 0), (0, 0)]) if kr_rev is not None else None
-  qr_pad = jnp.pad(qr_dist, [(0, extra), (0, 0), (0, 0)]) if qr_dist is not None else None
-  window = length + block - 1
-
-  @jax.checkpoint
-  def one_block(args):
-    block_index, q_blk = args
-    start = block_index * block
-    # Reversed c2p table: rows i0..i0+T-1 reach m in [L-T-i0, 2L-2-i0]; shifted by `extra` for the pad.
-    kr_win = (jax.lax.dynamic_slice_in_dim(kr_pad, length - block - start + extra, window, axis=0)
-              if kr_pad is not None else None)
-    qr_win = jax.lax.dynamic_slice_in_dim(qr_pad, start, window, axis=0) if qr_pad is not None else None
-    scores = _block_scores(q_blk, k, kr_win, qr_win, pos_terms)
-    rng = jax.random.fold_in(dropout_rng, block_index) if dropout_rng is not None else None
-    return _softmax_values(scores, key_mask, v, dropout_rate, rng)
-
-  out = jax.lax.map(one_block, (jnp.arange(num_blocks), q_blocks))  # [nb, B, T, H, d]
-  out = jnp.moveaxis(out, 0, 1).reshape(batch, padded, heads, head_dim)
-  return out[:, :length]
+  length = q.shape[1]
+  block = auto_query_block(length, query_block_size)
+  if block == 0:
+    return _full_attention(q, k, v, kr_dist, qr_dist, key_mask, pos_terms, dropout_rate, dropout_rng)
+  saturation = length if saturation is None else min(int(saturation), length)
+  return _blocked_attention(q, k, v, kr_dist, qr_dist, key_mask, pos_terms, block, saturation,
+                            dropout_rate, dropout_rng)
 
 
 class DisentangledSelfAttention(nn.Module):
@@ -148,31 +366,41 @@ class DisentangledSelfAttention(nn.Module):
     k = split(self.key_proj(hidden))
     v = split(self.value_proj(hidden))
 
-    kr_dist = qr_dist = None
-    if pos_terms:
-      table = self.pos_dropout(rel_table, deterministic=deterministic).astype(hidden.dtype)
-      half = cfg.position_table_half
-      table = table[: 2 * half]
-      dist_index = jnp.asarray(distance_to_table_index(length, cfg.position_buckets, cfg.max_relative_span))
-      if "c2p" in pos_terms:
-        key_layer = self.key_proj if cfg.share_att_key else self.pos_key_proj
-        kr_dist = split(key_layer(table))[dist_index]  # [2L-1, H, d]
-      if "p2c" in pos_terms:
-        query_layer = self.query_proj if cfg.share_att_key else self.pos_query_proj
-        qr_dist = split(query_layer(table))[dist_index] * jnp.asarray(1.0 / scale, hidden.dtype)
-
     dropout_rng = None
     if not deterministic and cfg.attention_probs_dropout_prob > 0.0:
       dropout_rng = self.make_rng("dropout")
 
+    # The relative tables projected once per layer (never per example); qr pre-scaled. The flash kernels
+    # take all 2k rows; the XLA path projects only the rows that distances within L reach (255 of 512 at
+    # L = 128 with the released buckets) and then gathers them to the 2L - 1 distances.
+    dist_index = distance_to_table_index(length, cfg.position_buckets, cfg.max_relative_span)
+    if cfg.attention_impl == "flash":
+      rows, row_of_distance = slice(0, 2 * cfg.position_table_half), None
+    else:
+      rows, row_of_distance = reachable_table_rows(dist_index)
+    kr_table = qr_table = None
+    if pos_terms:
+      table = self.pos_dropout(rel_table, deterministic=deterministic).astype(hidden.dtype)[rows]
+      if "c2p" in pos_terms:
+        key_layer = self.key_proj if cfg.share_att_key else self.pos_key_proj
+        kr_table = split(key_layer(table))
+      if "p2c" in pos_terms:
+        query_layer = self.query_proj if cfg.share_att_key else self.pos_query_proj
+        qr_table = split(query_layer(table)) * jnp.asarray(1.0 / scale, hidden.dtype)
+
     if cfg.attention_impl == "flash":
       from debertax import flash_attention  # Imported lazily: Pallas is only needed on this path.
       context = flash_attention.disentangled_flash_attention(
-          q, k, v, kr_dist, qr_dist, key_mask, pos_terms=pos_terms,
+          q, k, v, key_mask, kr_table=kr_table, qr_table=qr_table, pos_terms=pos_terms,
+          position_buckets=cfg.position_buckets, max_relative_span=cfg.max_relative_span,
           dropout_rate=cfg.attention_probs_dropout_prob if dropout_rng is not None else 0.0,
           dropout_rng=dropout_rng)
     else:
+      gather = jnp.asarray(row_of_distance)
+      kr_dist = kr_table[gather] if kr_table is not None else None  # [2L-1, H, d]
+      qr_dist = qr_table[gather] if qr_table is not None else None
       context = disentangled_attention_xla(
           q, k, v, kr_dist, qr_dist, key_mask, pos_terms=pos_terms, query_block_size=cfg.query_block_size,
-          dropout_rate=cfg.attention_probs_dropout_prob, dropout_rng=dropout_rng)
+          saturation=saturation_distance(dist_index), dropout_rate=cfg.attention_probs_dropout_prob,
+          dropout_rng=dropout_rng)
     return context.reshape(batch, length, heads * head_dim)

@@ -2,8 +2,10 @@
 
 Overrides: `--config.train.steps=10 --config.model.dtype=bfloat16`. The config's `task` picks the job
 (pretrain, glue, xnli); `--mode=export` turns a pretraining workdir's latest checkpoint into Hugging Face
-directories. Multi-host runs call jax.distributed.initialize() when the environment says so (TPU VM pod
-slice, SLURM with more than one task) or when --coordinator_address is given.
+directories. Multi-host runs call jax.distributed.initialize() when --coordinator_address is given, with
+--distributed=on (JAX then finds the cluster itself: a TPU VM slice from its metadata server, SLURM, GKE),
+or by default when the environment says so (SLURM with more than one task, TPU_WORKER_HOSTNAMES listing
+several hosts). A TPU VM slice has no such variable: launch/tpu_pod.sh passes --distributed=on.
 """
 
 from __future__ import annotations
@@ -20,6 +22,10 @@ _MODE = flags.DEFINE_enum("mode", "train", ["train", "export"], "train (resumes 
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed", "auto", ["auto", "on", "off"],
+    "on: call jax.distributed.initialize() and let JAX read the cluster from the environment (TPU VM "
+    "metadata, SLURM, GKE); auto: only where SLURM or TPU_WORKER_HOSTNAMES shows several hosts.")
 
 
 def _multi_host_environment() -> bool:
@@ -35,7 +41,7 @@ def initialize_distributed():
   if _COORDINATOR.value:
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
                                process_id=_PROCESS_ID.value)
-  elif _multi_host_environment():
+  elif _DISTRIBUTED.value == "on" or (_DISTRIBUTED.value == "auto" and _multi_host_environment()):
     jax.distributed.initialize()  # Reads the TPU / SLURM environment itself.
   else:
     return

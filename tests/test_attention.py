@@ -70,3 +70,123 @@ def test_fully_masked_row_is_finite():
   mask[:] = False
   out = disentangled_attention_xla(q, k, v, kr, qr, mask, pos_terms=("c2p", "p2c"))
   assert np.isfinite(np.asarray(out)).all()
+
+
+# ---- The Toeplitz blocks, the saturation band of the query-blocked path, and the automatic choice. ----
+
+from debertax import attention  # noqa: E402
+from debertax.config import ModelConfig  # noqa: E402
+from debertax.heads import build_model, init_params  # noqa: E402
+from debertax.relative_position import table_index_matrix  # noqa: E402
+
+
+def _saturating_inputs(length, buckets, span, seed=0, batch=2, heads=3, dim=8):
+  """Like _inputs, with the distance tables of a log-bucketed config that saturates at about `span`."""
+  rng = np.random.default_rng(seed)
+  q, k, v = (rng.normal(size=(batch, length, heads, dim)).astype(np.float32) for _ in range(3))
+  dist = distance_to_table_index(length, buckets, span)
+  kr = rng.normal(size=(2 * buckets, heads, dim)).astype(np.float32)[dist]
+  qr = rng.normal(size=(2 * buckets, heads, dim)).astype(np.float32)[dist]
+  mask = np.ones((batch, length), bool)
+  mask[-1, length * 2 // 3:] = False
+  return q, k, v, kr, qr, mask, attention.saturation_distance(dist)
+
+
+@pytest.mark.parametrize("buckets,span", [(256, 512), (16, 512), (8, 16), (-1, 24), (4, 8)])
+@pytest.mark.parametrize("length", [1, 2, 30, 700])
+def test_saturation_distance_matches_definition(buckets, span, length):
+  """Brute force on the [L, L] index: every pair with |i - j| >= S sees the first or the last table row."""
+  s = attention.saturation_distance(distance_to_table_index(length, buckets, span))
+  idx = table_index_matrix(length, buckets, span)
+  r = np.arange(length)[:, None] - np.arange(length)[None, :]
+  if s < length:
+    assert (idx[r >= s] == idx[length - 1, 0]).all() and (idx[r <= -s] == idx[0, length - 1]).all()
+  if 1 <= s < length:  # ... and S is the smallest such distance.
+    assert not ((idx[r >= s - 1] == idx[length - 1, 0]).all() and (idx[r <= -(s - 1)] == idx[0, length - 1]).all())
+
+
+def test_saturation_of_released_configs():
+  # deberta.md section 2: past |r| = 511 Hugging Face's index is the first (r <= -512) or last row.
+  assert attention.saturation_distance(distance_to_table_index(2048, 256, 512)) == 512
+  # Within 512 tokens the last buckets are reached from |r| = 506 on (log_bucket(506..511) = 255).
+  assert attention.saturation_distance(distance_to_table_index(512, 256, 512)) == 506
+
+
+@pytest.mark.parametrize("terms", [("c2p", "p2c"), ("c2p",), ("p2c",)])
+@pytest.mark.parametrize("length,block,buckets,span", [
+    (100, 8, 8, 16),  # band of 5 key tiles out of 13: far keys on both sides
+    (100, 7, 8, 16),  # L not a multiple of the block
+    (61, 5, 4, 8),
+    (64, 16, 8, 16),  # band covers every tile (no far keys)
+    (45, 4, 16, 512),  # no saturation within L
+])
+def test_blocked_band_path_matches_definition(terms, length, block, buckets, span):
+  q, k, v, kr, qr, mask, s = _saturating_inputs(length, buckets, span)
+  got = disentangled_attention_xla(q, k, v, kr, qr, mask, pos_terms=terms, query_block_size=block, saturation=s)
+  np.testing.assert_allclose(np.asarray(got), _naive(q, k, v, kr, qr, mask, terms), atol=2e-5, rtol=1e-5)
+
+
+def test_blocked_band_gradients_match_full():
+  """Gradients w.r.t. q, k, v and the bucket tables. (Per-distance rows are not comparable: the band path
+  reads one saturated row where the full path reads each of the equal saturated rows.)"""
+  length, buckets, span = 90, 8, 16
+  q, k, v, _, _, mask, s = _saturating_inputs(length, buckets, span, seed=3)
+  rng = np.random.default_rng(5)
+  kr_table, qr_table = (rng.normal(size=(2 * buckets, 3, 8)).astype(np.float32) for _ in range(2))
+  dist = distance_to_table_index(length, buckets, span)
+
+  def grads(block):
+    def f(q, k, v, kr_table, qr_table):
+      out = disentangled_attention_xla(q, k, v, kr_table[dist], qr_table[dist], mask, pos_terms=("c2p", "p2c"),
+                                       query_block_size=block, saturation=s)
+      return jnp.sum(out * jnp.cos(out))
+    return jax.grad(f, argnums=(0, 1, 2, 3, 4))(q, k, v, kr_table, qr_table)
+
+  for full, blocked in zip(grads(0), grads(8)):
+    np.testing.assert_allclose(np.asarray(blocked), np.asarray(full), atol=5e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("length", [5, 16, 33, 130])
+def test_full_path_toeplitz_rows(length, monkeypatch):
+  """Any number of Toeplitz rows, dividing L or not, gives the definition."""
+  q, k, v, kr, qr, mask = _inputs(length, seed=4)
+  expected = _naive(q, k, v, kr, qr, mask, ("c2p", "p2c"))
+  for rows in (1, 3, 16, length, 2 * length):
+    monkeypatch.setattr(attention, "toeplitz_rows", lambda _, rows=rows: rows)
+    got = disentangled_attention_xla(q, k, v, kr, qr, mask, pos_terms=("c2p", "p2c"))
+    np.testing.assert_allclose(np.asarray(got), expected, atol=2e-5, rtol=1e-5, err_msg=f"rows={rows}")
+
+
+def test_fully_masked_row_same_on_both_paths():
+  """A sequence with every key masked: uniform over the real keys on both paths (padding keys get none)."""
+  q, k, v, kr, qr, mask, s = _saturating_inputs(30, 8, 16)
+  mask[0] = False
+  full = disentangled_attention_xla(q, k, v, kr, qr, mask, pos_terms=("c2p", "p2c"))
+  blocked = disentangled_attention_xla(q, k, v, kr, qr, mask, pos_terms=("c2p", "p2c"), query_block_size=7,
+                                       saturation=s)
+  np.testing.assert_allclose(np.asarray(full)[0], np.broadcast_to(v[0].mean(0), v[0].shape), atol=1e-5)
+  np.testing.assert_allclose(np.asarray(blocked), np.asarray(full), atol=1e-5)
+
+
+def test_automatic_blocking_only_for_long_sequences():
+  assert attention.auto_query_block(512, 0) == 0
+  assert attention.auto_query_block(attention.AUTO_BLOCKED_MIN_LENGTH, 0) == 0
+  assert attention.auto_query_block(attention.AUTO_BLOCKED_MIN_LENGTH + 1, 0) == attention.AUTO_QUERY_BLOCK
+  assert attention.auto_query_block(512, 64) == 64
+  assert attention.auto_query_block(512, 512) == 0  # one block of everything is the full path
+
+
+@pytest.mark.parametrize("pos_att_type", ["p2c|c2p", "c2p"])
+def test_model_blocked_equals_full(pos_att_type):
+  """The whole model, padded batch, saturating buckets: query-blocked output == full-path output."""
+  base = ModelConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+                     position_buckets=8, max_relative_positions=16, pos_att_type=pos_att_type,
+                     share_att_key=pos_att_type != "c2p")
+  params = init_params(build_model(base), jax.random.PRNGKey(0))
+  ids = np.random.default_rng(0).integers(1, 50, (2, 75))
+  mask = np.ones_like(ids)
+  mask[1, 60:] = 0
+  full = build_model(base).apply({"params": params}, ids, mask)
+  blocked = build_model(base.replace(query_block_size=8)).apply({"params": params}, ids, mask)
+  valid = mask.astype(bool)
+  np.testing.assert_allclose(np.asarray(blocked)[valid], np.asarray(full)[valid], atol=1e-5, rtol=1e-5)
