@@ -394,7 +394,8 @@ class DisentangledSelfAttention(nn.Module):
           q, k, v, key_mask, kr_table=kr_table, qr_table=qr_table, pos_terms=pos_terms,
           position_buckets=cfg.position_buckets, max_relative_span=cfg.max_relative_span,
           dropout_rate=cfg.attention_probs_dropout_prob if dropout_rng is not None else 0.0,
-          dropout_rng=dropout_rng)
+          dropout_rng=dropout_rng, backend=cfg.flash_backend,
+          block_q=cfg.flash_block_q or None, block_k=cfg.flash_block_k or None)  # 0: the backend's default.
     else:
       gather = jnp.asarray(row_of_distance)
       kr_dist = kr_table[gather] if kr_table is not None else None  # [2L-1, H, d]

@@ -5,7 +5,7 @@ Overrides: `--config.train.steps=10 --config.model.dtype=bfloat16`. The config's
 directories. Multi-host runs call jax.distributed.initialize() when --coordinator_address is given, with
 --distributed=on (JAX then finds the cluster itself: a TPU VM slice from its metadata server, SLURM, GKE),
 or by default when the environment says so (SLURM with more than one task, TPU_WORKER_HOSTNAMES listing
-several hosts). A TPU VM slice has no such variable: launch/tpu_pod.sh passes --distributed=on.
+several hosts). A TPU VM slice has no such variable: launch/tpu_pod.py passes --distributed=on.
 """
 
 from __future__ import annotations
