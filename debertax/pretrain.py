@@ -29,6 +29,29 @@ EVAL_BATCHES = 4
 EVAL_SEED_OFFSET = 1_000_003
 
 
+def materialise_default_corpus(config, workdir: str):
+  """source="default" -> a copy of the embedded corpus in the workdir, used from then on.
+
+  The corpus is harvested from the running interpreter's standard library, and what a module exposes can
+  differ by a paragraph between processes; a saved data position must keep meaning the same text, so a
+  run reads (and a resumed run re-reads) the workdir's own copy.
+  """
+  if config.data.source != "default":
+    return config
+  path = os.path.join(workdir, "default_corpus.txt")
+  if jax.process_index() == 0 and not os.path.exists(path):
+    from debertax.corpus import default_corpus_lines
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+      for line in default_corpus_lines():
+        f.write(line.replace("\n", " ") + "\n")
+    os.replace(tmp, path)
+  _sync("default_corpus")
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.data.source = path
+  return config
+
+
 def prepare_vocab(config, workdir: str) -> Tokenizer:
   """Loads config.data.vocab, or trains a SentencePiece model on the training source into the workdir."""
   if config.data.vocab:
@@ -171,6 +194,7 @@ def run(config, workdir: str, mode: str = "train") -> dict:
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   primary = jax.process_index() == 0
+  config = materialise_default_corpus(config, workdir)
   tokenizer = prepare_vocab(config, workdir)
   spm_path = config.data.vocab and _spm_file(config.data.vocab) or os.path.join(workdir, "spm.model")
   config = resolve_config(config, tokenizer)
