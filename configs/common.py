@@ -77,6 +77,7 @@ def pretrain_config(model: ml_collections.ConfigDict, *, lr: float, batch_size: 
   c.train.keep_checkpoints = 3
   c.train.export_at_end = True
   c.train.max_steps_per_run = 0  # >0: stop (after saving) once this many steps ran in this invocation.
+  c.train.microbatches = 1  # >1: accumulate gradients over this many slices of the batch inside the step.
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # -1: all remaining devices.
