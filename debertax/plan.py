@@ -33,8 +33,15 @@ import re
 import sys
 import time
 
+import jax
+import ml_collections
 from absl import app, flags
+from flax import linen as nn
+from flax import traverse_util
 from ml_collections import config_flags
+
+from debertax import sharding, train
+from debertax.tokenizer import Tokenizer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml-collections pretraining config.",
                                           lock_config=True)
@@ -93,10 +100,8 @@ def resolve_vocab_size(config):
   that data.train_vocab_size will train ([MASK] is added after the SentencePiece pieces)."""
   if config.model.vocab_size != -1:
     return config
-  import ml_collections
   config = ml_collections.ConfigDict(config.to_dict())
   if config.data.vocab:
-    from debertax.tokenizer import Tokenizer
     config.model.vocab_size = Tokenizer.load(config.data.vocab).vocab_size
   elif config.data.train_vocab_size > 0:
     config.model.vocab_size = int(config.data.train_vocab_size) + 1
@@ -108,7 +113,6 @@ def resolve_vocab_size(config):
 
 def per_device_bytes(abstract_tree) -> int:
   """Sum over the leaves of one device's shard (ShapeDtypeStructs with shardings)."""
-  import jax
   total = 0
   for leaf in jax.tree_util.tree_leaves(abstract_tree):
     total += math.prod(leaf.sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize
@@ -121,11 +125,6 @@ def sharded_dimensions(trainer) -> tuple[list, list]:
   A row: (logical axis, mesh axis, its size, example parameter path, global shape, per-device shape);
   the example is the largest parameter with a dimension of that logical axis.
   """
-  import jax
-  from flax import linen as nn
-  from flax import traverse_util
-  from debertax import sharding
-
   rules = sharding.describe_param_sharding(trainer.abstract_boxed.params)
   specs = traverse_util.flatten_dict(nn.get_partition_spec(trainer.abstract_boxed.params))
   abstract = traverse_util.flatten_dict(trainer.abstract_state.params)
@@ -137,7 +136,7 @@ def sharded_dimensions(trainer) -> tuple[list, list]:
         examples[logical] = ("/".join(path), leaf)
   rows, whole = [], []
   for logical, mesh_axis in rules.items():
-    size = trainer.mesh.shape.get(mesh_axis, 1) if mesh_axis != "None" else 1
+    size = trainer.mesh.shape.get(mesh_axis, 1)  # Unmapped axes read "None": no mesh axis, size 1.
     if size == 1:
       whole.append(logical)
       continue
@@ -189,9 +188,6 @@ def count_collectives(hlo_text: str) -> dict:
 
 def build_plan(config, config_name: str = "") -> Plan:
   """Lowers and compiles the train step for the devices jax sees now (see the module docstring)."""
-  import jax
-  from debertax import train
-
   config = resolve_vocab_size(config)
   trainer = train.Trainer(config)
   start = time.time()
@@ -272,7 +268,6 @@ def format_plan(plan: Plan) -> str:
 def simulate_cpu_devices(count: int):
   """Makes jax create `count` CPU devices (and no accelerator backend); must run before jax's first
   operation, which fixes the device set for the life of the process."""
-  import jax
   existing = os.environ.get("XLA_FLAGS", "")
   os.environ["XLA_FLAGS"] = " ".join([existing, *(f for f in _PLAN_XLA_FLAGS if f.split("=")[0] not in existing)])
   try:
