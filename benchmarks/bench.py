@@ -67,15 +67,17 @@ def _peak_rss_bytes() -> int:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB.
 
 
-def _time_steps(run, sync, warmup: int, steps: int) -> list[float]:
+def _time_steps(run, sync, warmup: int, steps: int) -> tuple[list[float], list[float]]:
+  """Wall-clock and process CPU seconds of each timed step (CPU time: all threads of this process)."""
   for _ in range(warmup):
     sync(run())
-  times = []
+  times, cpu_times = [], []
   for _ in range(steps):
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     sync(run())
     times.append(time.perf_counter() - start)
-  return times
+    cpu_times.append(time.process_time() - cpu_start)
+  return times, cpu_times
 
 
 def _child_ours(spec: dict) -> dict:
@@ -134,9 +136,9 @@ def _child_ours(spec: dict) -> dict:
       state["args"] = (out[0], out[1], rng)
     return out
 
-  times = _time_steps(run, jax.block_until_ready, spec["warmup"], spec["steps"])
+  times, cpu_times = _time_steps(run, jax.block_until_ready, spec["warmup"], spec["steps"])
   device = jax.devices()[0]
-  result = dict(times=times, compile_s=compile_s, backend=device.platform)
+  result = dict(times=times, cpu_times=cpu_times, compile_s=compile_s, backend=device.platform)
   if device.platform == "cpu":
     result.update(peak_bytes=_peak_rss_bytes(), base_bytes=base_rss)
   else:
@@ -205,8 +207,9 @@ def _child_hf(spec: dict) -> dict:
   compile_s = time.perf_counter() - start
   if device.type == "cuda":
     torch.cuda.reset_peak_memory_stats()
-  times = _time_steps(run, sync, spec["warmup"], spec["steps"])
-  result = dict(times=times, compile_s=compile_s, backend=device.type, torch_threads=torch.get_num_threads(),
+  times, cpu_times = _time_steps(run, sync, spec["warmup"], spec["steps"])
+  result = dict(times=times, cpu_times=cpu_times, compile_s=compile_s, backend=device.type,
+                torch_threads=torch.get_num_threads(),
                 attn_implementation=getattr(model.config, "_attn_implementation", None))
   if device.type == "cpu":
     result.update(peak_bytes=_peak_rss_bytes(), base_bytes=base_rss)
@@ -256,9 +259,10 @@ def _child_rtd(spec: dict) -> dict:
   start = time.perf_counter()
   jax.block_until_ready(run())  # Trainer.step compiles on its first call.
   compile_s = time.perf_counter() - start
-  times = _time_steps(run, jax.block_until_ready, spec["warmup"], spec["steps"])
+  times, cpu_times = _time_steps(run, jax.block_until_ready, spec["warmup"], spec["steps"])
   device = jax.devices()[0]
-  result = dict(times=times, compile_s=compile_s, compile_includes_first_step=True, backend=device.platform)
+  result = dict(times=times, cpu_times=cpu_times, compile_s=compile_s, compile_includes_first_step=True,
+                backend=device.platform)
   if device.platform == "cpu":
     result.update(peak_bytes=_peak_rss_bytes(), base_bytes=base_rss)
   else:
@@ -269,29 +273,39 @@ def _child_rtd(spec: dict) -> dict:
 
 
 def _child_matmul(spec: dict) -> dict:
-  """Best FLOP/s of a large square matmul, per framework and dtype: the ceiling for '% ceiling'."""
-  size, dtype = spec["size"], spec["dtype"]
+  """Best FLOP/s of a large square matmul, per framework and dtype: the ceiling for '% ceiling'.
+
+  Returns the rate over wall time and over process CPU time / threads in use (for --metric cpu)."""
+  size, dtype, repeats = spec["size"], spec["dtype"], 5
+  threads = len(os.sched_getaffinity(0))
   if spec["row"] == "matmul_jax":
-    from debertax.flops import measure_matmul_flops
-    return {"flops_per_s": measure_matmul_flops(dtype, size=size)}
-  import torch
-  device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-  dt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
-  a = torch.randn(size, size, device=device, dtype=dt)
-  b = torch.randn(size, size, device=device, dtype=dt)
-  sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-  torch.matmul(a, b)
-  sync()
-  best = float("inf")
-  for _ in range(5):
-    start = time.perf_counter()
-    torch.matmul(a, b)
-    sync()
-    best = min(best, time.perf_counter() - start)
-  return {"flops_per_s": 2.0 * size ** 3 / best}
+    import jax
+    import jax.numpy as jnp
+    a = jax.random.normal(jax.random.PRNGKey(0), (size, size), jnp.dtype(dtype))
+    b = jax.random.normal(jax.random.PRNGKey(1), (size, size), jnp.dtype(dtype))
+    matmul = jax.jit(jnp.matmul)
+    run, sync = (lambda: matmul(a, b)), jax.block_until_ready
+  else:
+    import torch
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    a = torch.randn(size, size, device=device, dtype=dt)
+    b = torch.randn(size, size, device=device, dtype=dt)
+    run = lambda: torch.matmul(a, b)
+    sync = (lambda _: torch.cuda.synchronize()) if device.type == "cuda" else (lambda _: None)
+    threads = min(threads, torch.get_num_threads())
+  times, cpu_times = _time_steps(run, sync, 1, repeats)
+  flops = 2.0 * size ** 3
+  return {"flops_per_s": flops / min(times), "flops_per_cpu_s": flops / (min(cpu_times) / threads)}
 
 
 def run_child(spec: dict) -> dict:
+  threads = spec.get("threads", 0)
+  if threads > 0:  # Pin before any framework starts its thread pools.
+    os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:threads])
+    if spec["row"].startswith(("hf_", "matmul_torch")):
+      import torch
+      torch.set_num_threads(threads)
   row = spec["row"]
   if row in ("ours", "ours_norel"):
     return _child_ours(spec)
@@ -405,6 +419,13 @@ def main(argv=None):
   parser.add_argument("--no-matmul", action="store_true", help="skip the matmul ceiling measurement")
   parser.add_argument("--child-timeout", type=int, default=1200)
   parser.add_argument("--no-hugetlb", action="store_true", help="do not set GLIBC_TUNABLES for the rows")
+  parser.add_argument("--threads", type=int, default=0,
+                      help="pin every row to this many cores (0: all). With 1, process CPU time is a load-robust "
+                           "measure of each framework's work")
+  parser.add_argument("--metric", default="wall", choices=("wall", "cpu"),
+                      help="what tokens/s and the ratios divide by: best wall-clock step, or best process CPU "
+                           "seconds per step divided by the threads in use (robust on a loaded machine when "
+                           "--threads 1)")
   parser.add_argument("--json", help="also write every raw result to this file")
   parser.add_argument("--child", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
@@ -428,12 +449,24 @@ def main(argv=None):
   ceilings = {}
   if not args.no_matmul:
     for framework in ("jax", "torch"):
-      res = _spawn({"row": f"matmul_{framework}", "size": args.matmul_size, "dtype": args.dtype}, env,
-                   args.child_timeout)
-      ceilings[framework] = res.get("flops_per_s")
+      res = _spawn({"row": f"matmul_{framework}", "size": args.matmul_size, "dtype": args.dtype,
+                    "threads": args.threads}, env, args.child_timeout)
+      ceilings[framework] = res.get("flops_per_s" if args.metric == "wall" else "flops_per_cpu_s")
     print(f"Matmul ceiling ({args.matmul_size}^3, {args.dtype}): " + ", ".join(
         f"{k} {v / 1e9:.0f} GFLOP/s" if v else f"{k} failed" for k, v in ceilings.items()) + "\n", flush=True)
 
+  usable = len(os.sched_getaffinity(0))
+  threads_in_use = min(args.threads, usable) if args.threads > 0 else usable
+
+  def step_s(res):
+    """Seconds per step under --metric: the best wall time, or the best CPU time / threads in use."""
+    if args.metric == "wall":
+      return min(res["times"])
+    return min(res["cpu_times"]) / threads_in_use
+
+  if args.metric == "cpu":
+    print(f"tokens/s, ms/step, ratios and GFLOP/s below use process CPU seconds / {threads_in_use} thread(s), "
+          "not wall time.\n")
   header = ("| size | L | B | mode | row | tokens/s | ms/step | compile s | peak GB (base) | vs HF DeBERTa | "
             "vs HF BERT | GFLOP/s | % ceiling |")
   print(header)
@@ -451,14 +484,14 @@ def main(argv=None):
           for row in shape_rows:
             spec = dict(row=row, size=size, length=length, batch=batch, mode=mode if row != "rtd" else "rtd",
                         steps=args.steps, warmup=args.warmup, dtype=args.dtype, vocab=args.vocab,
-                        dropout=args.dropout, query_block_size=args.query_block_size)
+                        dropout=args.dropout, query_block_size=args.query_block_size, threads=args.threads)
             res = _spawn(spec, env, args.child_timeout)
             res["spec"] = spec
             best = results.get(row)
-            if best is None or ("times" in res and ("times" not in best or min(res["times"]) < min(best["times"]))):
+            if best is None or ("times" in res and ("times" not in best or step_s(res) < step_s(best))):
               results[row] = res
         all_results.extend(results.values())
-        tps = {r: batch * length / min(v["times"]) for r, v in results.items() if "times" in v}
+        tps = {r: batch * length / step_s(v) for r, v in results.items() if "times" in v}
         for row in shape_rows:
           res = results[row]
           label = "rtd step" if row == "rtd" else mode
@@ -466,7 +499,7 @@ def main(argv=None):
             why = res.get("skipped") or res.get("error")
             print(f"| {size} | {length} | {batch} | {label} | {row} | {why} | | | | | | | |", flush=True)
             continue
-          best = min(res["times"])
+          best = step_s(res)
           rate = res["flops"] / best
           framework = "torch" if row.startswith("hf_") else "jax"
           ceiling = ceilings.get(framework)

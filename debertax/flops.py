@@ -44,19 +44,17 @@ from debertax.relative_position import distance_to_table_index
 
 COUNTS = ("useful", "computed")
 
-# Dense (no sparsity) peak FLOP/s per device from the vendors' datasheets: {device_kind substring: {dtype: peak}}.
-# float32 on NVIDIA means TF32 tensor cores (what XLA uses for f32 matmuls at default precision).
-ACCELERATOR_PEAKS = {
-    "H200": {"bfloat16": 989e12, "float32": 494e12},
-    "H100": {"bfloat16": 989e12, "float32": 494e12},  # SXM; the PCIe card is about 756 / 378.
-    "A100": {"bfloat16": 312e12, "float32": 156e12},
-    "L4": {"bfloat16": 121e12, "float32": 60e12},
-    "TPU v4": {"bfloat16": 275e12, "float32": 275e12},
-    "TPU v5 lite": {"bfloat16": 197e12, "float32": 197e12},
-    "TPU v5e": {"bfloat16": 197e12, "float32": 197e12},
-    "TPU v5p": {"bfloat16": 459e12, "float32": 459e12},
-    "TPU v6": {"bfloat16": 918e12, "float32": 918e12},
-}
+# Dense (no sparsity) peak FLOP/s per device from the vendors' datasheets, matched against jax's
+# device_kind in this order (more specific names first). float32 means what XLA runs an f32 matmul with at
+# default precision: TF32 tensor cores on NVIDIA, bf16 passes on TPU.
+ACCELERATOR_PEAKS = (
+    ("H200", {"bfloat16": 989e12, "float32": 494e12}),
+    ("H100", {"bfloat16": 989e12, "float32": 494e12}),  # SXM; the PCIe card is about 756 / 378.
+    ("A100", {"bfloat16": 312e12, "float32": 156e12}),
+    ("TPU v6 lite", {"bfloat16": 918e12, "float32": 918e12}),
+    ("TPU v5 lite", {"bfloat16": 197e12, "float32": 197e12}),
+    ("TPU v4", {"bfloat16": 275e12, "float32": 275e12}),
+)
 
 
 def _attention_core_flops(cfg: ModelConfig, batch: int, length: int, count: str) -> float:
@@ -158,7 +156,7 @@ def peak_flops_per_device(dtype: str = "bfloat16") -> float:
     peak = measure_matmul_flops("float32", size=2048)
     logging.info("peak_flops_per_device: CPU, measured float32 matmul %.1f GFLOP/s", peak / 1e9)
     return peak
-  for name, peaks in ACCELERATOR_PEAKS.items():
+  for name, peaks in ACCELERATOR_PEAKS:
     if name.lower() in device.device_kind.lower():
       return peaks[dtype]
   peak = measure_matmul_flops(dtype)

@@ -177,3 +177,19 @@ def test_mfu_rejects_nonsense():
   with pytest.raises(ValueError):
     flops.mfu(1.0, 0.0, 1.0)
   assert flops.mfu(2e12, 2.0, 1e12) == 1.0
+
+
+def test_peak_flops_lookup_and_measurement(monkeypatch):
+  class FakeDevice:
+    platform = "gpu"
+    device_kind = "NVIDIA H100 80GB HBM3"
+
+  flops.peak_flops_per_device.cache_clear()
+  monkeypatch.setattr(jax, "devices", lambda: [FakeDevice()])
+  assert flops.peak_flops_per_device("bfloat16") == 989e12
+  assert flops.peak_flops_per_device("float32") == 494e12
+  flops.peak_flops_per_device.cache_clear()
+  monkeypatch.undo()
+  assert jax.devices()[0].platform == "cpu"
+  assert flops.peak_flops_per_device() > 1e9  # measured on the CPU: some GFLOP/s, never a made-up number
+  flops.peak_flops_per_device.cache_clear()
