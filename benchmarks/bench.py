@@ -38,6 +38,7 @@ import resource
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -58,9 +59,13 @@ HUGETLB = "glibc.malloc.hugetlb=1"
 # ------------------------------------------------------------------------------------------------------
 # Child side: one row, one shape, printed as one JSON line.
 # ------------------------------------------------------------------------------------------------------
-def _rss_bytes() -> int:
-  with open("/proc/self/statm") as f:
-    return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def _rss_bytes(pid: int | str = "self") -> int:
+  """Current resident set size of a process (0 once it has gone)."""
+  try:
+    with open(f"/proc/{pid}/statm") as f:
+      return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+  except OSError:
+    return 0
 
 
 def _peak_rss_bytes() -> int:
@@ -87,6 +92,7 @@ def _child_ours(spec: dict) -> dict:
   import optax
 
   from debertax import flops
+  from debertax.compile_options import jit
   from debertax.config import ModelConfig
   from debertax.heads import build_model, init_params
 
@@ -112,9 +118,9 @@ def _child_ours(spec: dict) -> dict:
   mode = spec["mode"]
   rng = jax.random.PRNGKey(1)
   if mode == "fwd":
-    fn, args = jax.jit(hidden_states), (params, rng)
+    fn, args = jit(hidden_states), (params, rng)
   elif mode == "fwdbwd":
-    fn, args = jax.jit(jax.value_and_grad(loss)), (params, rng)
+    fn, args = jit(jax.value_and_grad(loss)), (params, rng)
   else:
     tx = optax.adamw(1e-4, weight_decay=0.01)
 
@@ -123,7 +129,7 @@ def _child_ours(spec: dict) -> dict:
       updates, opt_state = tx.update(grads, opt_state, p)
       return optax.apply_updates(p, updates), opt_state, value
 
-    fn, args = jax.jit(train_step, donate_argnums=(0, 1)), (params, tx.init(params), rng)
+    fn, args = jit(train_step, donate_argnums=(0, 1)), (params, tx.init(params), rng)
   base_rss = _rss_bytes()
   start = time.perf_counter()
   compiled = fn.lower(*args).compile()
@@ -335,20 +341,43 @@ def _child_env(args) -> tuple[dict, str]:
   return env, setting
 
 
-def _spawn(spec: dict, env: dict, timeout: int) -> dict:
+def _spawn(spec: dict, env: dict, timeout: int, max_rss_bytes: float = float("inf")) -> dict:
+  """Runs one row in its own process; kills it past `timeout` seconds or `max_rss_bytes` of RSS (so that a
+  row that cannot fit, such as Hugging Face at L = 8192, is reported instead of taking the machine down)."""
   cmd = [sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)]
-  try:
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
-  except subprocess.TimeoutExpired:
-    return {"error": f"timed out after {timeout} s"}
-  for line in reversed(proc.stdout.splitlines()):
+  with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+    proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=err, text=True, cwd=REPO)
+    start, peak, killed_for = time.monotonic(), 0, None
+    while proc.poll() is None:
+      peak = max(peak, _rss_bytes(proc.pid))
+      if peak > max_rss_bytes:
+        killed_for = f"over the --max-memory-gb limit ({peak / 2**30:.1f} GiB RSS)"
+      elif time.monotonic() - start > timeout:
+        killed_for = f"timed out after {timeout} s"
+      if killed_for:
+        proc.kill()
+        proc.wait()
+        return {"error": killed_for}
+      time.sleep(0.2)
+    out.seek(0)
+    err.seek(0)
+    stdout, stderr = out.read(), err.read()
+  for line in reversed(stdout.splitlines()):
     if line.startswith("RESULT "):
       return json.loads(line[len("RESULT "):])
-  tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+  tail = (stderr or stdout).strip().splitlines()[-3:]
   why = "killed (likely out of memory)" if proc.returncode in (-9, 137) else f"exit code {proc.returncode}"
   sys.stderr.write(f"[bench] {spec['row']} {spec.get('size')} L={spec.get('length')} {spec.get('mode')}: {why}\n"
                    + "\n".join(tail) + "\n")
   return {"error": why + (": " + tail[-1][:120] if tail else "")}
+
+
+def _total_memory_bytes() -> float:
+  try:
+    with open("/proc/meminfo") as f:
+      return int(next(line for line in f if line.startswith("MemTotal")).split()[1]) * 1024.0
+  except (OSError, StopIteration):
+    return float("inf")
 
 
 def _machine_info(env_setting: str) -> list[str]:
@@ -359,13 +388,8 @@ def _machine_info(env_setting: str) -> list[str]:
     cpu = names[0] if names else cpu
   except OSError:
     pass
-  mem = ""
-  try:
-    with open("/proc/meminfo") as f:
-      total_kb = int(next(line for line in f if line.startswith("MemTotal")).split()[1])
-    mem = f"{total_kb / 2**20:.1f} GiB"
-  except (OSError, StopIteration):
-    pass
+  total = _total_memory_bytes()
+  mem = f"{total / 2**30:.1f} GiB" if total < float("inf") else "unknown"
   versions = []
   for module in ("jax", "jaxlib", "flax", "torch", "transformers"):
     try:
@@ -418,6 +442,8 @@ def main(argv=None):
   parser.add_argument("--matmul-size", type=int, default=3072)
   parser.add_argument("--no-matmul", action="store_true", help="skip the matmul ceiling measurement")
   parser.add_argument("--child-timeout", type=int, default=1200)
+  parser.add_argument("--max-memory-gb", type=float, default=0.0,
+                      help="kill a row whose RSS passes this many GiB and report it (0: 85%% of the machine's memory)")
   parser.add_argument("--no-hugetlb", action="store_true", help="do not set GLIBC_TUNABLES for the rows")
   parser.add_argument("--threads", type=int, default=0,
                       help="pin every row to this many cores (0: all). With 1, process CPU time is a load-robust "
@@ -442,6 +468,7 @@ def main(argv=None):
     if bad:
       parser.error(f"unknown {name} {bad}; choose from {list(allowed)}")
   env, env_setting = _child_env(args)
+  max_rss = args.max_memory_gb * 2**30 if args.max_memory_gb > 0 else 0.85 * _total_memory_bytes()
   command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__, REPO)] + sys.argv[1:])
   print(f"## debertax benchmark ({args.dtype})\n\nCommand: `{command}`\n")
   print("\n".join(_machine_info(env_setting)) + "\n", flush=True)
@@ -450,7 +477,7 @@ def main(argv=None):
   if not args.no_matmul:
     for framework in ("jax", "torch"):
       res = _spawn({"row": f"matmul_{framework}", "size": args.matmul_size, "dtype": args.dtype,
-                    "threads": args.threads}, env, args.child_timeout)
+                    "threads": args.threads}, env, args.child_timeout, max_rss)
       ceilings[framework] = res.get("flops_per_s" if args.metric == "wall" else "flops_per_cpu_s")
     print(f"Matmul ceiling ({args.matmul_size}^3, {args.dtype}): " + ", ".join(
         f"{k} {v / 1e9:.0f} GFLOP/s" if v else f"{k} failed" for k, v in ceilings.items()) + "\n", flush=True)
@@ -467,7 +494,7 @@ def main(argv=None):
   if args.metric == "cpu":
     print(f"tokens/s, ms/step, ratios and GFLOP/s below use process CPU seconds / {threads_in_use} thread(s), "
           "not wall time.\n")
-  header = ("| size | L | B | mode | row | tokens/s | ms/step | compile s | peak GB (base) | vs HF DeBERTa | "
+  header = ("| size | L | B | mode | row | tokens/s | ms/step | compile s | peak GiB (base) | vs HF DeBERTa | "
             "vs HF BERT | GFLOP/s | % ceiling |")
   print(header)
   print("|" + "---|" * (header.count("|") - 1))
@@ -485,7 +512,7 @@ def main(argv=None):
             spec = dict(row=row, size=size, length=length, batch=batch, mode=mode if row != "rtd" else "rtd",
                         steps=args.steps, warmup=args.warmup, dtype=args.dtype, vocab=args.vocab,
                         dropout=args.dropout, query_block_size=args.query_block_size, threads=args.threads)
-            res = _spawn(spec, env, args.child_timeout)
+            res = _spawn(spec, env, args.child_timeout, max_rss)
             res["spec"] = spec
             best = results.get(row)
             if best is None or ("times" in res and ("times" not in best or step_s(res) < step_s(best))):

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from debertax import checkpoint, convert
+from debertax import checkpoint, compile_options, convert
 from debertax import heads as heads_lib
 from debertax.config import ModelConfig
 
@@ -98,7 +98,7 @@ class PretrainedDeberta:
 def _apply(config: ModelConfig, head: str, use_emd: bool):
   model = heads_lib.build_model(config, head, use_emd)
 
-  @jax.jit
+  @compile_options.jit
   def run(params, ids, mask, types):
     return model.apply({"params": params}, ids, mask, types, deterministic=True)
 

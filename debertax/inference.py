@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from debertax import compile_options
 from debertax import heads as heads_lib
 from debertax.config import ModelConfig
 
@@ -125,7 +126,7 @@ def _jitted(config: ModelConfig, kind: str, use_emd: bool = False, top_k: int = 
       return top_ids, probs
   else:
     raise ValueError(f"unknown inference kind {kind!r}; choose one of {KINDS}")
-  return jax.jit(fn)
+  return compile_options.jit(fn)
 
 
 @dataclasses.dataclass

@@ -21,7 +21,7 @@ from flax import linen as nn
 from jax.experimental import multihost_utils
 
 from debertax import optimizer as optimizer_lib
-from debertax import rtd, sharding
+from debertax import compile_options, rtd, sharding
 from debertax.config import ModelConfig
 
 BATCH_KEYS = ("input_ids", "original_ids", "attention_mask", "mlm_mask")
@@ -86,10 +86,10 @@ class Trainer:
         self.state_shardings)
     batch_shardings = {k: self.batch_sharding for k in BATCH_KEYS}
     self._init = jax.jit(lambda rng: nn.unbox(self._init_boxed(rng)), out_shardings=self.state_shardings)
-    self._step = jax.jit(self._train_step, in_shardings=(self.state_shardings, batch_shardings),
+    self._step = compile_options.jit(self._train_step, in_shardings=(self.state_shardings, batch_shardings),
                          out_shardings=(self.state_shardings, sharding.replicated(self.mesh)), donate_argnums=0)
     # Replicated outputs: every process can read the per-token arrays of a batch spread over all hosts.
-    self._eval = jax.jit(self._eval_step, in_shardings=(self.state_shardings, batch_shardings),
+    self._eval = compile_options.jit(self._eval_step, in_shardings=(self.state_shardings, batch_shardings),
                          out_shardings=sharding.replicated(self.mesh))
 
   # State ------------------------------------------------------------------------------------------
