@@ -9,8 +9,7 @@ Rows (each runs in its own subprocess, so its peak memory is its own):
                the ceiling for what the position terms may cost
   hf_deberta   transformers' DebertaV2Model with the same configuration (eager, its only attention)
   hf_bert      transformers' BertModel of the same size (its default attention implementation, printed)
-  rtd          the full RTD pretraining step (generator + discriminator + optimizer) of debertax.train;
-               reported as "skipped" while debertax.train does not exist
+  rtd          the full RTD pretraining step (generator + discriminator + optimizer) of debertax.train
 Modes: fwd (inference), fwdbwd (gradient of a scalar loss, mean of squared last hidden states, w.r.t. every
 parameter; loss.backward() on the PyTorch side), adamw (fwdbwd + an AdamW update; optax / torch.optim).
 Encoders use a 1000-token vocabulary (the encoder cost, not the 128k embedding) and no dropout (`--dropout`
