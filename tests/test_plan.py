@@ -12,6 +12,8 @@ import pytest
 from configs import common
 from debertax import sharding, train
 
+from test_train import _batches
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Two encoder layers keep the compile short; the plan is otherwise the tiny config's.
 SMALL_TINY = ("--config.model.num_hidden_layers=2",)
@@ -103,22 +105,6 @@ def _config(microbatches=1, mesh=(1, 2, 1), hidden=32):
   return config
 
 
-def _batches(n, batch=16, length=16, vocab=128, seed=0):
-  rng = np.random.default_rng(seed)
-  out = []
-  for _ in range(n):
-    original = rng.integers(4, vocab - 1, (batch, length)).astype(np.int32)
-    original[:, 0], original[:, -1] = 1, 2
-    mlm = rng.random((batch, length)) < 0.25
-    mlm[:, 0] = mlm[:, -1] = False
-    mask = np.ones_like(original)
-    mask[::3, 9:] = 0  # Padded rows: slices get different token counts.
-    mlm &= mask > 0
-    out.append({"input_ids": np.where(mlm, vocab - 1, original).astype(np.int32), "original_ids": original,
-                "attention_mask": mask, "mlm_mask": mlm})
-  return out
-
-
 def _trainer(config):
   """On as many of this process's devices as config.mesh needs (fewer devices compile and run faster)."""
   size = int(np.prod([config.mesh[axis] for axis in sharding.MESH_AXES]))
@@ -126,7 +112,7 @@ def _trainer(config):
 
 
 def test_microbatches_give_the_full_batch_step_and_evaluation():
-  batches = _batches(2)
+  batches = _batches(2, mlm_rate=0.25, pad_from=9)
   runs = {}
   initial = None
   for microbatches in (1, 4):

@@ -23,16 +23,18 @@ def _config(dropout=0.1, mesh=(1, 1, 1), decoupled=True):
   return config
 
 
-def _batches(n, batch=16, length=16, vocab=128, seed=0):
+def _batches(n, batch=16, length=16, vocab=128, seed=0, mlm_rate=0.2, pad_from=11):
+  """n RTD batches; every third row is padded from `pad_from` on (so microbatch slices get different
+  token counts)."""
   rng = np.random.default_rng(seed)
   out = []
   for _ in range(n):
     original = rng.integers(4, vocab - 1, (batch, length)).astype(np.int32)
     original[:, 0], original[:, -1] = 1, 2
-    mlm = rng.random((batch, length)) < 0.2
+    mlm = rng.random((batch, length)) < mlm_rate
     mlm[:, 0] = mlm[:, -1] = False
     mask = np.ones_like(original)
-    mask[::3, 11:] = 0
+    mask[::3, pad_from:] = 0
     mlm &= mask > 0
     out.append({"input_ids": np.where(mlm, vocab - 1, original).astype(np.int32), "original_ids": original,
                 "attention_mask": mask, "mlm_mask": mlm})
