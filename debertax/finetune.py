@@ -379,10 +379,11 @@ class Finetuner:
     self._init_params = jax.jit(lambda rng: heads_lib.init_params(self.model, rng),
                                 out_shardings=self.param_shardings)
     self._init_opt = jax.jit(self.tx.init, out_shardings=self.state_shardings.opt_state)
-    self._step = compile_options.jit(self._train_step, in_shardings=(self.state_shardings, batch_shardings),
-                         out_shardings=(self.state_shardings, replicated), donate_argnums=0)
-    self._predict = compile_options.jit(self._predict_step, in_shardings=(self.param_shardings, batch_shardings),
-                            out_shardings=replicated)
+    self._step = compile_options.jit(
+        self._train_step, in_shardings=(self.state_shardings, batch_shardings),
+        out_shardings=(self.state_shardings, replicated), donate_argnums=0)
+    self._predict = compile_options.jit(
+        self._predict_step, in_shardings=(self.param_shardings, batch_shardings), out_shardings=replicated)
 
   # State --------------------------------------------------------------------------------------------------
   def fresh_params(self):
@@ -454,7 +455,8 @@ class Finetuner:
 
   def gradients(self, state: TrainState, batch: dict):
     """For tests and diagnostics: (grads, loss) of one step's batch, without an update."""
-    fn = compile_options.jit(lambda s, b: self._accumulated_grads(s.params, b, jax.random.fold_in(s.rng, s.step))[:2])
+    fn = compile_options.jit(
+        lambda s, b: self._accumulated_grads(s.params, b, jax.random.fold_in(s.rng, s.step))[:2])
     with sharding.MeshRules(self.mesh):
       return fn(state, self._global(batch))
 

@@ -86,11 +86,13 @@ class Trainer:
         self.state_shardings)
     batch_shardings = {k: self.batch_sharding for k in BATCH_KEYS}
     self._init = jax.jit(lambda rng: nn.unbox(self._init_boxed(rng)), out_shardings=self.state_shardings)
-    self._step = compile_options.jit(self._train_step, in_shardings=(self.state_shardings, batch_shardings),
-                         out_shardings=(self.state_shardings, sharding.replicated(self.mesh)), donate_argnums=0)
+    self._step = compile_options.jit(
+        self._train_step, in_shardings=(self.state_shardings, batch_shardings),
+        out_shardings=(self.state_shardings, sharding.replicated(self.mesh)), donate_argnums=0)
     # Replicated outputs: every process can read the per-token arrays of a batch spread over all hosts.
-    self._eval = compile_options.jit(self._eval_step, in_shardings=(self.state_shardings, batch_shardings),
-                         out_shardings=sharding.replicated(self.mesh))
+    self._eval = compile_options.jit(
+        self._eval_step, in_shardings=(self.state_shardings, batch_shardings),
+        out_shardings=sharding.replicated(self.mesh))
 
   # State ------------------------------------------------------------------------------------------
   def _init_boxed(self, rng):
