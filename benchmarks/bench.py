@@ -7,6 +7,8 @@ Rows (each runs in its own subprocess, so its peak memory is its own):
   ours         debertax encoder, the XLA attention path
   ours_norel   the same with relative_attention=False: plain BERT-style attention in the same framework,
                the ceiling for what the position terms may cost
+  ours_flash   debertax encoder with attention_impl="flash" (the Pallas kernel; TPU/GPU only, reported as an
+               error on the CPU)
   hf_deberta   transformers' DebertaV2Model with the same configuration (eager, its only attention)
   hf_bert      transformers' BertModel of the same size (its default attention implementation, printed)
   rtd          the full RTD pretraining step (generator + discriminator + optimizer) of debertax.train
@@ -33,6 +35,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import resource
 import shlex
 import subprocess
@@ -50,7 +53,7 @@ SIZES = {  # layers, hidden, heads, ffn
     "base": (12, 768, 12, 3072),
     "large": (24, 1024, 16, 4096),
 }
-ROWS = ("ours", "ours_norel", "hf_deberta", "hf_bert", "rtd")
+ROWS = ("ours", "ours_norel", "ours_flash", "hf_deberta", "hf_bert", "rtd")
 MODES = ("fwd", "fwdbwd", "adamw")
 HUGETLB = "glibc.malloc.hugetlb=1"
 
@@ -100,7 +103,8 @@ def _child_ours(spec: dict) -> dict:
   cfg = ModelConfig(vocab_size=spec["vocab"], hidden_size=hidden, num_hidden_layers=layers,
                     num_attention_heads=heads, intermediate_size=ffn, hidden_dropout_prob=dropout,
                     attention_probs_dropout_prob=dropout, dtype=spec["dtype"],
-                    relative_attention=spec["row"] != "ours_norel", query_block_size=spec["query_block_size"])
+                    relative_attention=spec["row"] != "ours_norel", query_block_size=spec["query_block_size"],
+                    attention_impl="flash" if spec["row"] == "ours_flash" else "xla")
   model = build_model(cfg, "none")
   params = init_params(model, jax.random.PRNGKey(0))
   batch, length = spec["batch"], spec["length"]
@@ -312,7 +316,7 @@ def run_child(spec: dict) -> dict:
       import torch
       torch.set_num_threads(threads)
   row = spec["row"]
-  if row in ("ours", "ours_norel"):
+  if row in ("ours", "ours_norel", "ours_flash"):
     return _child_ours(spec)
   if row in ("hf_deberta", "hf_bert"):
     return _child_hf(spec)
@@ -364,11 +368,15 @@ def _spawn(spec: dict, env: dict, timeout: int, max_rss_bytes: float = float("in
   for line in reversed(stdout.splitlines()):
     if line.startswith("RESULT "):
       return json.loads(line[len("RESULT "):])
-  tail = (stderr or stdout).strip().splitlines()[-3:]
+  lines = (stderr or stdout).strip().splitlines()
+  tail = lines[-3:]
   why = "killed (likely out of memory)" if proc.returncode in (-9, 137) else f"exit code {proc.returncode}"
   sys.stderr.write(f"[bench] {spec['row']} {spec.get('size')} L={spec.get('length')} {spec.get('mode')}: {why}\n"
                    + "\n".join(tail) + "\n")
-  return {"error": why + (": " + tail[-1][:120] if tail else "")}
+  # The exception line, not JAX's traceback-filtering notice that follows it.
+  raised = [line for line in lines if re.match(r"^[A-Za-z_.]*(Error|Exception)\b", line)]
+  reason = (raised or tail or [""])[-1]
+  return {"error": why + (": " + reason[:160] if reason else "")}
 
 
 def _total_memory_bytes() -> float:

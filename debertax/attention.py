@@ -32,6 +32,7 @@ Scores, the mask and the softmax are float32 whatever the compute dtype (`prefer
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -157,6 +158,79 @@ def _relative_unshift(y: jax.Array, width: int) -> jax.Array:
 
 relative_shift.defvjp(lambda x: (relative_shift(x), x.shape[-1]),
                       lambda width, g: (_relative_unshift(g, width),))
+
+
+class _RowIndex:
+  """A static row index for `take_table_rows`, hashable (a nondiff argument of its custom_vjp), with the
+  groups its backward pass sums: for each table row, the positions of the index that read it."""
+
+  def __init__(self, index: np.ndarray, num_rows: int):
+    self.index = np.asarray(index, np.int32)
+    self.num_rows = int(num_rows)
+    self._key = (self.num_rows, self.index.shape, self.index.tobytes())
+
+  def __hash__(self):
+    return hash(self._key)
+
+  def __eq__(self, other):
+    return isinstance(other, _RowIndex) and self._key == other._key
+
+  def groups(self, long_run: int = 8):
+    """(short [R, m] positions per row, padded with the sentinel N; long: [(row, start, stop)]).
+
+    Rows read more than `long_run` times must be contiguous runs of the index (true for every distance
+    index: buckets are monotonic in the distance) and are summed as slices.
+    """
+    counts = np.bincount(self.index, minlength=self.num_rows)
+    order = np.argsort(self.index, kind="stable")
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    width = max(1, int(counts[counts <= long_run].max(initial=1)))
+    short = np.full((self.num_rows, width), self.index.shape[0], np.int32)
+    long = []
+    for row in np.nonzero(counts)[0]:
+      members = order[starts[row]:starts[row] + counts[row]]
+      if counts[row] <= long_run:
+        short[row, :counts[row]] = members
+      elif members[-1] - members[0] + 1 == members.size:
+        long.append((int(row), int(members[0]), int(members[-1]) + 1))
+      else:
+        raise ValueError(f"take_table_rows: row {row} is read {counts[row]} times, not as one contiguous run")
+    return short, long
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _take_rows(table, rows: _RowIndex):
+  return jnp.take(table, jnp.asarray(rows.index), axis=0)
+
+
+def _take_rows_fwd(table, rows: _RowIndex):
+  return _take_rows(table, rows), jnp.zeros((0,), table.dtype)  # Only the dtype is needed.
+
+
+def _take_rows_bwd(rows: _RowIndex, dtype_carrier, grad):
+  short, long = rows.groups()
+  grad32 = grad.astype(jnp.float32)
+  with_sentinel = jnp.concatenate([grad32, jnp.zeros((1,) + grad.shape[1:], jnp.float32)])
+  table_grad = jnp.take(with_sentinel, jnp.asarray(short), axis=0).sum(axis=1)  # [R, ...]
+  if long:
+    sums = jnp.stack([grad32[start:stop].sum(axis=0) for _, start, stop in long])
+    table_grad = table_grad.at[np.array([row for row, _, _ in long])].add(sums, unique_indices=True)
+  return (table_grad.astype(dtype_carrier.dtype),)
+
+
+_take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
+
+
+def take_table_rows(table: jax.Array, index: np.ndarray) -> jax.Array:
+  """table[index] for a static index (table [R, ...], index [N] int -> [N, ...]), e.g. the relative table's
+  rows for each of the 2L - 1 distances.
+
+  The gradient is summed per table row in float32 by gathers and slice sums instead of autodiff's
+  scatter-add: beyond 512 tokens thousands of distances read the two outermost rows, and a scatter-add
+  accumulates them in the table's dtype (bf16: about 2-3 significant digits) and, on GPUs, with contended
+  atomic adds (non-deterministic order).
+  """
+  return _take_rows(table, _RowIndex(index, table.shape[0]))
 
 
 def _windowed_product(rows_blocks, table_t, starts, width):
@@ -436,9 +510,8 @@ class DisentangledSelfAttention(nn.Module):
           dropout_rng=dropout_rng, backend=cfg.flash_backend,
           block_q=cfg.flash_block_q or None, block_k=cfg.flash_block_k or None)  # 0: the backend's default.
     else:
-      gather = jnp.asarray(row_of_distance)
-      kr_dist = kr_table[gather] if kr_table is not None else None  # [2L-1, H, d]
-      qr_dist = qr_table[gather] if qr_table is not None else None
+      kr_dist = take_table_rows(kr_table, row_of_distance) if kr_table is not None else None  # [2L-1, H, d]
+      qr_dist = take_table_rows(qr_table, row_of_distance) if qr_table is not None else None
       context = disentangled_attention_xla(
           q, k, v, kr_dist, qr_dist, key_mask, pos_terms=pos_terms, query_block_size=cfg.query_block_size,
           saturation=saturation_distance(dist_index), dropout_rate=cfg.attention_probs_dropout_prob,

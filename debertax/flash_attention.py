@@ -34,12 +34,12 @@ the saturation distance S of the block (|i - j| >= S maps to the first/last tabl
 released configurations) get Toeplitz products against 2T - 1 distances, the far keys get per-row (c2p)
 and per-key (p2c) constants, so the position work per block is O(S), not O(L).
 
-Status (H200, jax 0.11.2, measured with benchmarks/flash_gpu_check.py): the Triton forward kernel matches
-the XLA path (float32 within 2.2e-6 of the array scale, values and all gradients, L = 512 / 2048) and is
-faster than the XLA forward (attention core, bf16, XLA path without its saturation shortcut: 2.3 vs
-3.0 ms at B8 x L2048, 3.9 vs 7.4 ms at B1 x L8192). A training step is still slower than the XLA path,
-because the backward is XLA code (measured before its far-tile shortcut was added): a fused backward
-kernel is the next step. The TPU kernel has only been checked in TPU interpret mode and by lowering.
+Status (jax 0.11.2): the Triton forward kernel matches the XLA path (float32 within 2.2e-6 of the array
+scale, values and all gradients, L = 512 / 2048, H200 and H100) and is faster than the XLA forward
+(attention core, bf16, H200: 2.3 vs 3.0 ms at B8 x L2048, 3.9 vs 7.4 ms at B1 x L8192). A training step is
+not faster than the XLA path (H100, xsmall, bf16: 0.83x at L = 512, 0.79x at 2048, 1.03x at 8192; README
+"GPU results"), because the backward is XLA code: a fused backward kernel is the next step. The TPU kernel
+has only been checked in TPU interpret mode and by lowering.
 
 Limits: attention-probability dropout is not implemented in the kernel (a clear error asks to set it to
 zero or use the XLA path); on the CPU only the interpreters run (`backend="interpret"`: the generic Pallas
@@ -62,7 +62,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
-from debertax.attention import relative_shift
+from debertax.attention import relative_shift, take_table_rows
 from debertax.relative_position import distance_to_table_index
 
 BACKENDS = ("auto", "tpu", "gpu", "interpret", "tpu_interpret")
@@ -365,8 +365,8 @@ def _distance_tables(kr_table, qr_table, len_q: int, len_k: int, s: _Settings):
   reach = max(len_q + 1, len_k)
   full = distance_to_table_index(reach, s.position_buckets, s.max_relative_span)  # r in [-(reach-1), reach-1]
   index = full[reach - 1 - (len_k - 1): reach - 1 + len_q + 1]
-  kr_rev = jnp.swapaxes(kr_table[index[::-1]], 0, 1) if s.use_c2p else None
-  qr_fwd = jnp.swapaxes(qr_table[index], 0, 1) if s.use_p2c else None
+  kr_rev = jnp.swapaxes(take_table_rows(kr_table, index[::-1]), 0, 1) if s.use_c2p else None
+  qr_fwd = jnp.swapaxes(take_table_rows(qr_table, index), 0, 1) if s.use_p2c else None
   return kr_rev, qr_fwd
 
 
@@ -536,10 +536,10 @@ def _backward(s: _Settings, residuals, d_out):
     padded rows or keys read them)."""
     kr_rev = kr_far = qr_windows = qr_far = None
     if s.use_c2p:
-      kr_rev = kr_table[jnp.asarray(index)][::-1]
+      kr_rev = take_table_rows(kr_table, index)[::-1]
       kr_far = jnp.stack([kr_rev[0], kr_rev[-1]])
     if s.use_p2c:
-      qr_dist = qr_table[jnp.asarray(index)]  # row u <-> r = u - (P - 1)
+      qr_dist = take_table_rows(qr_table, index)  # row u <-> r = u - (P - 1)
       starts = [(num_blocks - 1 - e) * block + padded - block for e in range(2 * num_blocks - 1)]
       qr_windows = jnp.stack([lax.slice_in_dim(qr_dist, st, st + 2 * block - 1) for st in starts])
       qr_far = jnp.stack([qr_dist[-1], qr_dist[0]])

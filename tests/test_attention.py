@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from debertax.attention import disentangled_attention_xla, relative_shift
+from debertax.attention import disentangled_attention_xla, relative_shift, take_table_rows
 from debertax.relative_position import distance_to_table_index
 
 
@@ -30,6 +30,40 @@ def test_relative_shift_gradient_equals_gather_gradient():
     got = jax.vjp(relative_shift, x)[1](cotangent)[0]
     expected = jax.vjp(gather, x)[1](cotangent)[0]
     np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
+
+
+@pytest.mark.parametrize("length", [7, 600, 1300])
+def test_take_table_rows_gradient_equals_scatter_add(length):
+  """The hand-written backward (gathers + slice sums, float32) against autodiff's scatter-add of a gather,
+  for the released buckets (beyond 512 tokens hundreds of distances read the two outermost rows) and a
+  reversed index (how the c2p tables are read)."""
+  rng = np.random.default_rng(length)
+  table = jnp.asarray(rng.normal(size=(512, 3, 4)), jnp.float32)
+  for index in (distance_to_table_index(length, 256, 512), distance_to_table_index(length, 256, 512)[::-1]):
+    cotangent = jnp.asarray(rng.normal(size=(index.size, 3, 4)), jnp.float32)
+    values, vjp = jax.vjp(lambda t, index=index: take_table_rows(t, index), table)
+    np.testing.assert_array_equal(np.asarray(values), np.asarray(table)[index])
+    expected = jax.vjp(lambda t, index=index: t[jnp.asarray(index)], table)[1](cotangent)[0]
+    np.testing.assert_allclose(np.asarray(vjp(cotangent)[0]), np.asarray(expected), rtol=1e-5, atol=1e-5)
+
+
+def test_take_table_rows_gradient_is_summed_in_float32():
+  """A bf16 table whose outermost row is read 3000 times: its gradient is the float32 sum rounded once
+  (a bf16 running sum of ones stalls at 256)."""
+  index = np.concatenate([np.zeros(3000, np.int32), np.arange(1, 9, dtype=np.int32)])
+  table = jnp.zeros((9, 2), jnp.bfloat16)
+  cotangent = np.random.default_rng(0).uniform(0.5, 1.5, size=(index.size, 2)).astype(np.float32)
+  grad = jax.vjp(lambda t: take_table_rows(t, index), table)[1](jnp.asarray(cotangent, jnp.bfloat16))[0]
+  assert grad.dtype == jnp.bfloat16
+  exact = cotangent.astype(jnp.bfloat16).astype(np.float64)
+  np.testing.assert_allclose(np.asarray(grad[0], np.float64), exact[:3000].sum(0), rtol=2 ** -8)
+  np.testing.assert_array_equal(np.asarray(grad[1:], np.float32), exact[3000:].astype(np.float32))
+
+
+def test_take_table_rows_rejects_scattered_long_groups():
+  index = np.tile(np.arange(3, dtype=np.int32), 20)  # every row read 20 times, never contiguously
+  with pytest.raises(ValueError, match="contiguous run"):
+    jax.grad(lambda t: take_table_rows(t, index).sum())(jnp.ones((3,)))
 
 
 def _naive(q, k, v, kr_dist, qr_dist, mask, terms, xp=np):
