@@ -38,7 +38,7 @@ def hlo_instructions(hlo_text: str) -> dict[str, str]:
   the source op, with layer numbers replaced by N so that the 12 layers group together."""
   described = {}
   for line in hlo_text.splitlines():
-    match = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = (\S+?) ([\w\-]+)\(", line)
+    match = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = (\([^()]*\)|\S+) ([\w\-]+)\(", line)  # tuple shapes too
     if not match:
       continue
     name, shape, opcode = match.groups()
