@@ -8,7 +8,7 @@ Rows (each runs in its own subprocess, so its peak memory is its own):
   ours_norel   the same with relative_attention=False: plain BERT-style attention in the same framework,
                the ceiling for what the position terms may cost
   ours_flash   debertax encoder with attention_impl="flash" (the Pallas kernel; TPU/GPU only, reported as an
-               error on the CPU)
+               error on the CPU, and with --dropout: the kernel has no attention-probability dropout)
   hf_deberta   transformers' DebertaV2Model with the same configuration (eager, its only attention)
   hf_bert      transformers' BertModel of the same size (its default attention implementation, printed)
   rtd          the full RTD pretraining step (generator + discriminator + optimizer) of debertax.train

@@ -9,8 +9,8 @@
 # Usage: bash benchmarks/gpu_run.sh OUT_DIR        (DRY_RUN=1: tiny lengths on the CPU, to check the script)
 # Every section writes its markdown table into OUT_DIR as it goes, so a run cut short keeps what it had.
 set -u
-out=${1:?usage: bash benchmarks/gpu_run.sh OUT_DIR}
-mkdir -p "$out"
+mkdir -p "${1:?usage: bash benchmarks/gpu_run.sh OUT_DIR}"
+out=$(cd "$1" && pwd)  # absolute: the script moves to the repository root next
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 python=${PYTHON:-python3}

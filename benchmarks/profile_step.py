@@ -67,7 +67,7 @@ def device_events(trace: dict) -> tuple[list[dict], str]:
 
 def kernel_key(event: dict) -> str:
   """The HLO instruction an event belongs to: its 'hlo_op' argument when the profiler records one (GPU
-  kernels), else the event name without a trailing '.N' thunk counter."""
+  kernels), else the event name (on the CPU, the instruction's name)."""
   args = event.get("args") or {}
   return str(args.get("hlo_op") or args.get("long_name") or event["name"]).split(" ")[0]
 
@@ -134,9 +134,7 @@ def main(argv=None):
   described = hlo_instructions(hlo_text)
   per_op = collections.defaultdict(lambda: [0.0, 0])
   for event in events:
-    key = kernel_key(event)
-    base = re.sub(r"\.\d+$", "", key)
-    label = described.get(key) or described.get(base) or f"(not in HLO) {event['name'][:80]}"
+    label = described.get(kernel_key(event)) or f"(not in HLO) {event['name'][:80]}"
     per_op[label][0] += event["dur"] / 1e3 / args.steps  # microseconds -> ms per step
     per_op[label][1] += 1
   total = sum(ms for ms, _ in per_op.values())

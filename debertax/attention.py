@@ -167,7 +167,11 @@ class _RowIndex:
   def __init__(self, index: np.ndarray, num_rows: int):
     self.index = np.asarray(index, np.int32)
     self.num_rows = int(num_rows)
+    if self.index.ndim != 1 or (self.index.size and not 0 <= self.index.min() <= self.index.max() < num_rows):
+      raise ValueError(f"take_table_rows: the index must be 1-D with values in [0, {num_rows}); got shape "
+                       f"{self.index.shape}, range [{self.index.min(initial=0)}, {self.index.max(initial=0)}]")
     self._key = (self.num_rows, self.index.shape, self.index.tobytes())
+    self.short, self.long = self._groups()
 
   def __hash__(self):
     return hash(self._key)
@@ -175,7 +179,7 @@ class _RowIndex:
   def __eq__(self, other):
     return isinstance(other, _RowIndex) and self._key == other._key
 
-  def groups(self, long_run: int = 8):
+  def _groups(self, long_run: int = 8):
     """(short [R, m] positions per row, padded with the sentinel N; long: [(row, start, stop)]).
 
     Rows read more than `long_run` times must be contiguous runs of the index (true for every distance
@@ -200,7 +204,7 @@ class _RowIndex:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def _take_rows(table, rows: _RowIndex):
-  return jnp.take(table, jnp.asarray(rows.index), axis=0)
+  return jnp.take(table, jnp.asarray(rows.index), axis=0, mode="clip")  # in range: checked by _RowIndex
 
 
 def _take_rows_fwd(table, rows: _RowIndex):
@@ -208,12 +212,13 @@ def _take_rows_fwd(table, rows: _RowIndex):
 
 
 def _take_rows_bwd(rows: _RowIndex, dtype_carrier, grad):
-  short, long = rows.groups()
-  grad32 = grad.astype(jnp.float32)
-  with_sentinel = jnp.concatenate([grad32, jnp.zeros((1,) + grad.shape[1:], jnp.float32)])
+  short, long = rows.short, rows.long
+  accumulate = jnp.promote_types(grad.dtype, jnp.float32)  # float32, or float64 under x64
+  grad_wide = grad.astype(accumulate)
+  with_sentinel = jnp.concatenate([grad_wide, jnp.zeros((1,) + grad.shape[1:], accumulate)])
   table_grad = jnp.take(with_sentinel, jnp.asarray(short), axis=0).sum(axis=1)  # [R, ...]
   if long:
-    sums = jnp.stack([grad32[start:stop].sum(axis=0) for _, start, stop in long])
+    sums = jnp.stack([grad_wide[start:stop].sum(axis=0) for _, start, stop in long])
     table_grad = table_grad.at[np.array([row for row, _, _ in long])].add(sums, unique_indices=True)
   return (table_grad.astype(dtype_carrier.dtype),)
 
@@ -228,7 +233,8 @@ def take_table_rows(table: jax.Array, index: np.ndarray) -> jax.Array:
   The gradient is summed per table row in float32 by gathers and slice sums instead of autodiff's
   scatter-add: beyond 512 tokens thousands of distances read the two outermost rows, and a scatter-add
   accumulates them in the table's dtype (bf16: about 2-3 significant digits) and, on GPUs, with contended
-  atomic adds (non-deterministic order).
+  atomic adds (non-deterministic order). Being a custom_vjp, it supports reverse-mode differentiation
+  only (grad/vjp, not jvp/jacfwd).
   """
   return _take_rows(table, _RowIndex(index, table.shape[0]))
 

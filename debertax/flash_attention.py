@@ -37,7 +37,7 @@ and per-key (p2c) constants, so the position work per block is O(S), not O(L).
 Status (jax 0.11.2): the Triton forward kernel matches the XLA path (float32 within 2.2e-6 of the array
 scale, values and all gradients, L = 512 / 2048, H200 and H100) and is faster than the XLA forward
 (attention core, bf16, H200: 2.3 vs 3.0 ms at B8 x L2048, 3.9 vs 7.4 ms at B1 x L8192). A training step is
-not faster than the XLA path (H100, xsmall, bf16: 0.83x at L = 512, 0.79x at 2048, 1.03x at 8192; README
+no faster than the XLA path (H100, xsmall, bf16: 0.83x at L = 512, 0.79x at 2048, 1.03x at 8192; README
 "GPU results"), because the backward is XLA code: a fused backward kernel is the next step. The TPU kernel
 has only been checked in TPU interpret mode and by lowering.
 

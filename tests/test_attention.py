@@ -45,11 +45,13 @@ def test_take_table_rows_gradient_equals_scatter_add(length):
     np.testing.assert_array_equal(np.asarray(values), np.asarray(table)[index])
     expected = jax.vjp(lambda t, index=index: t[jnp.asarray(index)], table)[1](cotangent)[0]
     np.testing.assert_allclose(np.asarray(vjp(cotangent)[0]), np.asarray(expected), rtol=1e-5, atol=1e-5)
+    jitted = jax.jit(lambda t, c, index=index: jax.vjp(lambda t: take_table_rows(t, index), t)[1](c)[0])
+    np.testing.assert_allclose(np.asarray(jitted(table, cotangent)), np.asarray(expected), rtol=1e-5, atol=1e-5)
 
 
 def test_take_table_rows_gradient_is_summed_in_float32():
   """A bf16 table whose outermost row is read 3000 times: its gradient is the float32 sum rounded once
-  (a bf16 running sum of ones stalls at 256)."""
+  (a bf16 running sum stalls: autodiff's scatter-add gives 512 here)."""
   index = np.concatenate([np.zeros(3000, np.int32), np.arange(1, 9, dtype=np.int32)])
   table = jnp.zeros((9, 2), jnp.bfloat16)
   cotangent = np.random.default_rng(0).uniform(0.5, 1.5, size=(index.size, 2)).astype(np.float32)
@@ -60,10 +62,13 @@ def test_take_table_rows_gradient_is_summed_in_float32():
   np.testing.assert_array_equal(np.asarray(grad[1:], np.float32), exact[3000:].astype(np.float32))
 
 
-def test_take_table_rows_rejects_scattered_long_groups():
+def test_take_table_rows_rejects_bad_indices():
   index = np.tile(np.arange(3, dtype=np.int32), 20)  # every row read 20 times, never contiguously
   with pytest.raises(ValueError, match="contiguous run"):
     jax.grad(lambda t: take_table_rows(t, index).sum())(jnp.ones((3,)))
+  for bad in (np.array([0, 3]), np.array([-1, 0]), np.zeros((2, 2), np.int32)):
+    with pytest.raises(ValueError, match=r"1-D with values in \[0, 3\)"):
+      take_table_rows(jnp.ones((3,)), bad)
 
 
 def _naive(q, k, v, kr_dist, qr_dist, mask, terms, xp=np):
