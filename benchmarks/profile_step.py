@@ -25,11 +25,9 @@ import sys
 import tempfile
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-  sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench import SIZES  # noqa: E402  (the model shapes bench.py times; it also puts the repo on sys.path)
 
-SIZES = {"xsmall": (12, 384, 6, 1536), "base": (12, 768, 12, 3072)}  # layers, hidden, heads, ffn
 _HOST_BOOKKEEPING = ("Thunk", "$", "Pjit", "Common", "Slinky", "PjRt", "Execute")
 
 
