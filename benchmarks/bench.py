@@ -1,6 +1,6 @@
 """debertax (JAX/XLA) against Hugging Face PyTorch, side by side, on the same shapes and machine.
 
-    GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python benchmarks/bench.py \
+    python benchmarks/bench.py \
         --sizes xsmall --lengths 128,512 --modes fwd,fwdbwd --rows ours,ours_norel,hf_deberta,hf_bert
 
 Rows (each runs in its own subprocess, so its peak memory is its own):
@@ -25,8 +25,9 @@ framework's own footprint, printed as "base" = RSS before the first step), devic
 GFLOP/s counts the same "useful" FLOPs for every row (debertax.flops: c2p and p2c as one dot product per
 query-key pair), so it is comparable across rows; "% ceiling" divides it by a large matmul measured in the
 same run, per framework and dtype.
-GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (transparent huge pages for glibc malloc) is set for every row unless
---no-hugetlb is given or GLIBC_TUNABLES is already set; the header says which setting was used.
+GLIBC_TUNABLES=debertax.compile_options.CPU_MALLOC_TUNABLES (huge pages, large blocks kept on the heap and
+reused) is set for every row, both frameworks, unless --no-malloc-tunables is given or GLIBC_TUNABLES is
+already set; the header says which setting was used.
 """
 
 from __future__ import annotations
@@ -55,7 +56,6 @@ SIZES = {  # layers, hidden, heads, ffn
 }
 ROWS = ("ours", "ours_norel", "ours_flash", "hf_deberta", "hf_bert", "rtd")
 MODES = ("fwd", "fwdbwd", "adamw")
-HUGETLB = "glibc.malloc.hugetlb=1"
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -332,14 +332,15 @@ def run_child(spec: dict) -> dict:
 # ------------------------------------------------------------------------------------------------------
 def _child_env(args) -> tuple[dict, str]:
   env = dict(os.environ)
-  if args.no_hugetlb:
+  from debertax.compile_options import CPU_MALLOC_TUNABLES
+  if args.no_malloc_tunables:
     env.pop("GLIBC_TUNABLES", None)
-    setting = "unset (--no-hugetlb)"
+    setting = "unset (--no-malloc-tunables)"
   elif "GLIBC_TUNABLES" in env:
     setting = f"{env['GLIBC_TUNABLES']} (from the environment)"
   else:
-    env["GLIBC_TUNABLES"] = HUGETLB
-    setting = f"{HUGETLB} (set by bench.py)"
+    env["GLIBC_TUNABLES"] = CPU_MALLOC_TUNABLES
+    setting = f"{CPU_MALLOC_TUNABLES} (set by bench.py)"
   env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # GPU: memory_stats peaks, not the pool size.
   return env, setting
 
@@ -451,7 +452,8 @@ def main(argv=None):
   parser.add_argument("--child-timeout", type=int, default=1200)
   parser.add_argument("--max-memory-gb", type=float, default=0.0,
                       help="kill a row whose RSS passes this many GiB and report it (0: 85%% of the machine's memory)")
-  parser.add_argument("--no-hugetlb", action="store_true", help="do not set GLIBC_TUNABLES for the rows")
+  parser.add_argument("--no-malloc-tunables", action="store_true",
+                      help="do not set GLIBC_TUNABLES for the rows (glibc's default malloc behaviour)")
   parser.add_argument("--threads", type=int, default=0,
                       help="pin every row to this many cores (0: all). With 1, process CPU time is a load-robust "
                            "measure of each framework's work")

@@ -31,6 +31,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from debertax.compile_options import CPU_MALLOC_TUNABLES  # noqa: E402
+
 SHORT_RUN = ["train.epochs=1", "train.max_length=128", "train.lr=1e-4", "sst2:max_train_examples=8000"]
 
 
@@ -38,7 +40,7 @@ def _run(command: list[str], log_path: str) -> float:
   """Runs a command from the project root, tees nothing (the log goes to a file), returns its wall time."""
   print("$ " + " ".join(shlex.quote(c) for c in command), flush=True)
   started = time.time()
-  env = {**os.environ, "GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")}
+  env = {**os.environ, "GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES", CPU_MALLOC_TUNABLES)}
   with open(log_path, "w") as log:
     code = subprocess.call(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
   elapsed = time.time() - started

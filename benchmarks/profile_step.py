@@ -1,7 +1,7 @@
 """Where the time of one jitted encoder forward+backward step goes, per XLA op, on any backend.
 
     python benchmarks/profile_step.py --length 2048 --batch 1 --dtype bfloat16            # a GPU
-    GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python benchmarks/profile_step.py --length 512   # this CPU
+    python benchmarks/profile_step.py --length 512   # this CPU, GLIBC_TUNABLES as in the README
 
 Runs `--steps` steps of the xsmall encoder's gradient step (the same step as `benchmarks/bench.py`'s
 `fwdbwd` rows) under `jax.profiler.trace`, reads the trace's Chrome-format events, and prints a markdown

@@ -71,6 +71,8 @@ def main(argv):
   if not _WORKDIR.value:
     raise app.UsageError("--workdir is required")
   initialize_distributed()
+  from debertax import compile_options
+  compile_options.log_cpu_malloc_hint()
   task = config.get("task", "pretrain")
   if task == "pretrain":
     from debertax import pretrain

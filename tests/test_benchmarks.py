@@ -1,4 +1,5 @@
-"""The benchmark scripts' own logic (no timing): profile_step's trace and HLO parsing, bench.py's error lines."""
+"""The benchmark scripts' own logic (no timing): profile_step's trace and HLO parsing, bench.py's error lines and
+the malloc setting every row runs under."""
 
 import importlib.util
 import os
@@ -63,3 +64,19 @@ def test_bench_reports_the_exception_line_of_a_failed_row(monkeypatch):
   monkeypatch.setattr(bench.subprocess, "Popen", lambda cmd, **kw: real_popen([sys.executable, "-c", failing], **kw))
   result = bench._spawn({"row": "ours_flash", "size": "xsmall", "length": 8, "mode": "fwd"}, dict(os.environ), 60)
   assert result["error"] == "exit code 1: ValueError: attention_impl=flash has no kernel for the cpu backend"
+
+
+def test_bench_gives_every_row_the_same_malloc_setting(monkeypatch):
+  """Both frameworks run under one GLIBC_TUNABLES: ours by default, the user's if set, none on request."""
+  from debertax.compile_options import CPU_MALLOC_TUNABLES
+  bench = _load("bench")
+  monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+  args = type("Args", (), {"no_malloc_tunables": False})()
+  env, setting = bench._child_env(args)
+  assert env["GLIBC_TUNABLES"] == CPU_MALLOC_TUNABLES and "set by bench.py" in setting
+  monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")
+  env, setting = bench._child_env(args)
+  assert env["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1" and "from the environment" in setting
+  args.no_malloc_tunables = True
+  env, _ = bench._child_env(args)
+  assert "GLIBC_TUNABLES" not in env
