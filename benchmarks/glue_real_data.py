@@ -16,6 +16,12 @@ XNLI dev files (the test files are left out, as English test was trained on). Th
 
 Every step is an ordinary command line (printed before it runs); the tables, wall times and commands are written to
 <workdir>/REPORT.md.
+
+Whether pretraining helps downstream (a model pretrained on real English text vs the same model from random
+initialisation vs the majority class, with the fine-tuning defaults) and the embedding-sharing comparison are the job
+of benchmarks/pretrain_then_finetune.py; this script stays the quick end-to-end check of the fine-tuning pipeline on
+the real files, XNLI included. Its --init_from also takes that script's
+<workdir>/pretrain/gdes_s0/export/discriminator.
 """
 
 from __future__ import annotations

@@ -23,6 +23,11 @@ and no sequence holds [SEP] [SEP] or starts with [CLS] [SEP]. Padding ([PAD], at
 only in the last sequence of a shard's epoch and, as one [PAD], when a document ends one token
 short of filling a sequence.
 
+Held-out split: with `split="train"` / `"eval"` and `holdout_every=N`, one document in N, chosen by a
+hash of its text, belongs to the evaluation split only; the training iterator never yields it, the
+evaluation iterator yields nothing else. The choice needs no index of the corpus and is the same on
+every host, in every epoch and after a resume.
+
 Order: each epoch visits the files in an order shuffled by (seed, epoch), and the packed sequences
 are shuffled within consecutive windows of `shuffle_window` sequences by (seed, host, epoch,
 window). Iteration is infinite: the epoch counter increases and the corpus is read again.
@@ -104,6 +109,11 @@ class DataConfig:
     text_feature: str = "text"  # TFDS feature holding the text
     tfds_data_dir: str | None = None
     tokenize_batch_size: int = 64  # documents per sentencepiece call
+    # Held-out documents: 1 in `holdout_every` documents (chosen by a hash of the text, so the choice is
+    # the same on every host, epoch and resume) belongs to the evaluation split. split="train" skips them,
+    # "eval" reads only them, "all" reads everything (holdout_every is then ignored).
+    split: str = "all"
+    holdout_every: int = 0
 
     def __post_init__(self):
         def require(condition: bool, message: str):
@@ -131,6 +141,9 @@ class DataConfig:
         )
         require(self.max_line_bytes >= 16, f"max_line_bytes must be >= 16, got {self.max_line_bytes}")
         require(self.tokenize_batch_size >= 1, "tokenize_batch_size must be >= 1")
+        require(self.split in ("all", "train", "eval"), f"split must be all, train or eval, got {self.split!r}")
+        require(self.split == "all" or self.holdout_every >= 2,
+                f"split={self.split!r} needs holdout_every >= 2 (1 document in N held out), got {self.holdout_every}")
 
     @property
     def predictions_cap(self) -> int:
@@ -498,6 +511,12 @@ class PackedSequence:
     length: int
 
 
+def is_held_out(text: str, holdout_every: int) -> bool:
+    """Whether a document belongs to the evaluation split: 1 in `holdout_every` by a hash of its text."""
+    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % holdout_every == 0
+
+
 def pack_documents(
     documents: Iterator[tuple[Position, list[int]]],
     seq_len: int,
@@ -625,6 +644,7 @@ class PretrainingIterator:
             "shuffle_window": config.shuffle_window,
             "max_line_bytes": config.max_line_bytes,
             "text_feature": config.text_feature,
+            "split": [config.split, config.holdout_every if config.split != "all" else 0],
             "process_index": process_index,
             "process_count": process_count,
         }
@@ -641,6 +661,7 @@ class PretrainingIterator:
         self._window_is_last = False
         self._packer: Iterator[tuple[PackedSequence, dict | None]] | None = None
         self._epoch_has_text = False
+        self.documents_read = 0  # documents of this split tokenized by this iterator (a diagnostic)
 
     # ------------------------------------------------------------------------------- state
     @property
@@ -695,6 +716,11 @@ class PretrainingIterator:
         """Documents from `start` with their token ids; bad lines are counted when the packer
         reaches them (not when read ahead), so the count matches the resume position exactly."""
         documents = self.source.read(start, self._epoch)
+        if self.config.split != "all":
+            keep_held_out = self.config.split == "eval"
+            documents = ((position, text) for position, text in documents
+                         if isinstance(text, BadLine)
+                         or is_held_out(text, self.config.holdout_every) == keep_held_out)
         while True:
             batch = list(itertools.islice(documents, self.config.tokenize_batch_size))
             if not batch:
@@ -707,6 +733,7 @@ class PretrainingIterator:
                         logger.warning("skipping bad input: %s", text.describe())
                     self._bad_lines_in_window += 1
                 else:
+                    self.documents_read += 1
                     yield position, next(token_ids)
 
     def _new_packer(self, start: dict | None) -> Iterator[tuple[PackedSequence, dict | None]]:
@@ -749,7 +776,9 @@ class PretrainingIterator:
         self._bad_lines_in_window = 0
         if self._window_is_last:
             if not self._epoch_has_text:
-                raise ValueError(f"data source {self.source.description} has no text")
+                split = ("" if self.config.split == "all" else
+                         f" in its {self.config.split} split (1 in {self.config.holdout_every} documents held out)")
+                raise ValueError(f"data source {self.source.description} has no text{split}")
             self._epoch += 1
             self._window_index = 0
             self._window_start = None

@@ -267,15 +267,37 @@ class RunSettings:
 
 
 def infer_model_size(model_config: ModelConfig) -> str:
-  """The configs/common.py size with this depth and width (which default hyperparameter row applies)."""
+  """Which default hyperparameter row applies: the configs/common.py size with this depth and width, else
+  the size of the same width class (narrower than 384: "tiny"), with a warning naming the choice."""
   from configs import common
   for size, shape in common.SIZES.items():
     if (shape["num_hidden_layers"], shape["hidden_size"]) == (model_config.num_hidden_layers,
                                                               model_config.hidden_size):
       return size
-  raise ValueError(f"config.model_size='auto': a {model_config.num_hidden_layers}-layer, "
-                   f"{model_config.hidden_size}-wide model is none of the released sizes; set "
-                   f"--config.model_size to one of {tasks.MODEL_SIZES} to pick the default hyperparameters")
+  width = model_config.hidden_size
+  size = "tiny" if width < 384 else "xsmall" if width < 768 else "base" if width < 1024 else "large"
+  logging.warning("config.model_size='auto': a %d-layer, %d-wide model is none of the released sizes; using "
+                  "the %r defaults (learning rate x%g of the large table); set --config.model_size to choose",
+                  model_config.num_hidden_layers, width, size, tasks.LR_SCALE_BY_SIZE[size])
+  return size
+
+
+def schedule_for_run(config, settings: RunSettings, total_steps: int) -> RunSettings:
+  """Caps a default warmup at tasks.MAX_WARMUP_FRACTION of the run; warns when the schedule cannot reach
+  its peak learning rate (a warmup as long as the run)."""
+  if total_steps <= 0:
+    return settings
+  if config.train.warmup_steps is None:
+    warmup = tasks.warmup_for_run(settings.warmup_steps, total_steps)
+    if warmup != settings.warmup_steps:
+      logging.info("Warmup %d -> %d steps (at most %d%% of the run's %d steps)", settings.warmup_steps, warmup,
+                   round(100 * tasks.MAX_WARMUP_FRACTION), total_steps)
+      settings = dataclasses.replace(settings, warmup_steps=warmup)
+  if settings.warmup_steps >= total_steps:
+    logging.warning("config.train.warmup_steps=%d >= the run's %d optimizer steps: the learning rate never "
+                    "reaches its peak %g (it stops at %.3g)", settings.warmup_steps, total_steps, settings.lr,
+                    settings.lr * (total_steps - 1) / max(settings.warmup_steps, 1))
+  return settings
 
 
 def resolve_settings(config, model_config: ModelConfig) -> RunSettings:
@@ -321,9 +343,14 @@ def build_model_config(config, loaded: ModelConfig | None, tokenizer: Tokenizer,
     model_config = loaded.replace(**overrides, num_labels=num_labels)
   else:
     from configs import common
-    if config.model_size == "auto":
-      raise ValueError("a random initialisation needs --config.model_size (xsmall|small|base|large) for its shape")
-    values = common.model_config(config.model_size, vocab_size=tokenizer.vocab_size).to_dict()
+    size = config.model_size
+    if size == "auto":  # The shape must then come from config.model; the hyperparameter row follows from it.
+      if "hidden_size" not in overrides or "num_hidden_layers" not in overrides:
+        raise ValueError("a random initialisation with config.model_size='auto' needs the shape in config.model "
+                         "(at least hidden_size and num_hidden_layers), or --config.model_size="
+                         f"{'|'.join(tasks.MODEL_SIZES)}")
+      size = "xsmall"  # the released v3 settings; the overrides give the shape
+    values = common.model_config(size, vocab_size=tokenizer.vocab_size).to_dict()
     values.update(overrides)
     model_config = ModelConfig.from_dict({**values, "num_labels": num_labels})
   if tokenizer.vocab_size > model_config.vocab_size:
@@ -678,16 +705,16 @@ def run(config, workdir: str, mesh=None) -> dict:
   settings = resolve_settings(config, model_config)
   if not eval_only:
     model_config = model_config.replace(cls_dropout=settings.classifier_dropout)
+  data = load_task_data(config, tokenizer, settings.max_length, with_train=not eval_only)
+  steps_per_epoch = math.ceil(len(data.train) / settings.batch_size) if data.train is not None else 0
+  total_steps = steps_per_epoch * (0 if eval_only else settings.epochs)
+  settings = schedule_for_run(config, settings, total_steps)
   resolved = ml_collections.ConfigDict(config.to_dict())
   with resolved.unlocked():
     resolved.resolved = dataclasses.asdict(settings)
   if primary:
     _check_workdir_config(workdir, resolved.to_json_best_effort(indent=2, sort_keys=True))
   logging.info("%s %s: %s", "Evaluating" if eval_only else "Fine-tuning", config.task_name, settings)
-
-  data = load_task_data(config, tokenizer, settings.max_length, with_train=not eval_only)
-  steps_per_epoch = math.ceil(len(data.train) / settings.batch_size) if data.train is not None else 0
-  total_steps = steps_per_epoch * (0 if eval_only else settings.epochs)
   finetuner = Finetuner(model_config, settings, config, total_steps, mesh=mesh, seed=int(config.seed))
   filler = [tokenizer.cls_id, tokenizer.sep_id]
   min_bucket = int(config.train.min_bucket_length)

@@ -86,13 +86,19 @@ def resolve_config(config, tokenizer: Tokenizer):
   return config
 
 
-def data_config(config, tokenizer: Tokenizer, seed_offset: int = 0) -> DataConfig:
+def data_config(config, tokenizer: Tokenizer, split: str = "train") -> DataConfig:
+  """split: "train" or "eval" (the documents held out by config.data.holdout_every, with another seed)."""
+  holdout_every = int(config.data.get("holdout_every", 0))
+  if split not in ("train", "eval"):
+    raise ValueError(f"split={split!r}: expected train or eval")
   return DataConfig(
       source=config.data.source, vocab_path="", seq_len=config.data.seq_len,
-      batch_size=config.train.batch_size // jax.process_count(), seed=config.seed + seed_offset,
+      batch_size=config.train.batch_size // jax.process_count(),
+      seed=config.seed + (EVAL_SEED_OFFSET if split == "eval" else 0),
       mask_prob=config.data.mask_prob, max_predictions=config.data.max_predictions or None,
       shuffle_window=config.data.shuffle_buffer, on_bad_line=config.data.on_bad_line,
-      text_feature=config.data.text_feature)
+      text_feature=config.data.text_feature, split=split if holdout_every > 0 else "all",
+      holdout_every=holdout_every)
 
 
 def _sync(name: str):
@@ -223,8 +229,20 @@ def run(config, workdir: str, mode: str = "train") -> dict:
     ckpt.close()
     return {"train": {}, "eval": {}}
 
-  eval_iterator = PretrainingIterator(data_config(config, tokenizer, EVAL_SEED_OFFSET), tokenizer)
-  eval_batches = [next(eval_iterator) for _ in range(EVAL_BATCHES)]
+  eval_iterator = PretrainingIterator(data_config(config, tokenizer, "eval"), tokenizer)
+  try:
+    eval_batches = [next(eval_iterator) for _ in range(EVAL_BATCHES)]
+  except ValueError as e:
+    if "eval split" not in str(e):
+      raise
+    raise ValueError(f"{e}: the corpus is too small for config.data.holdout_every={config.data.holdout_every}; "
+                     "set it lower, or to 0 to evaluate on training documents") from None
+  if config.data.get("holdout_every", 0) > 0:
+    logging.info("Evaluation: %d batches from %d held-out documents (1 in %d by text hash; training skips "
+                 "them)%s", EVAL_BATCHES, eval_iterator.documents_read, config.data.holdout_every,
+                 ", read more than once" if eval_iterator.epoch > 0 else "")
+  else:
+    logging.warning("Evaluation batches come from the training documents (config.data.holdout_every=0)")
   writer = MetricWriter(workdir, enabled=primary)
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(trainer.abstract_state.params))
   logging.info("RTD pretraining: %s sharing, discriminator %d layers, generator %d layers, %s trainable "

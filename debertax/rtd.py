@@ -25,12 +25,16 @@ _SHARED = ("word_embeddings", "position_embeddings")
 
 
 def generator_config(disc: ModelConfig, rtd_config) -> ModelConfig:
-  """Same width (unless generator_hidden_size says otherwise), half depth by default."""
+  """Same width (unless generator_hidden_size says otherwise), half depth by default.
+
+  A narrower generator (ELECTRA's 1/4 - 1/2 of the discriminator's width) keeps the discriminator's
+  embedding width through embed_proj, so that GDES / ES can still share one embedding matrix.
+  """
   changes = {"num_hidden_layers": int(rtd_config.generator_layers)}
   width = int(rtd_config.get("generator_hidden_size", -1))
   if width > 0 and width != disc.hidden_size:
     changes.update(hidden_size=width, intermediate_size=4 * width,
-                   num_attention_heads=max(1, width // disc.head_dim))
+                   num_attention_heads=max(1, width // disc.head_dim), embedding_size=disc.embed_dim)
   return disc.replace(**changes)
 
 
@@ -103,11 +107,8 @@ class RTDModels:
     logits = self.generator.apply({"params": params["generator"]}, ids, attention_mask,
                                   deterministic=deterministic, positions=positions,
                                   rngs={"dropout": gen_rng})  # [B, P, V] float32
-    log_probs = jax.nn.log_softmax(logits, axis=-1)
-    nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+    mlm_loss, mlm_acc = masked_lm_loss(logits, targets, valid)
     n_masked = jnp.maximum(valid.sum(), 1)
-    mlm_loss = jnp.sum(nll * valid) / n_masked
-    mlm_acc = jnp.sum((jnp.argmax(logits, -1) == targets) * valid) / n_masked
 
     # No gradient through the sample: it is data for the discriminator.
     sampled = jax.random.categorical(sample_rng, jax.lax.stop_gradient(logits) / temperature, axis=-1)
@@ -116,11 +117,9 @@ class RTDModels:
     disc_logits = self.discriminator.apply({"params": self.discriminator_params(params)}, disc_ids,
                                            attention_mask, deterministic=deterministic,
                                            rngs={"dropout": disc_rng})  # [B, L]
+    rtd_loss, rtd_acc = replaced_token_loss(disc_logits, replaced, attention_mask)
     token_weight = attention_mask.astype(jnp.float32)
-    bce = sigmoid_bce(disc_logits, replaced.astype(jnp.float32))
     n_tokens = jnp.maximum(token_weight.sum(), 1.0)
-    rtd_loss = jnp.sum(bce * token_weight) / n_tokens
-    rtd_acc = jnp.sum(((disc_logits > 0) == replaced) * token_weight) / n_tokens
     total = mlm_loss + rtd_lambda * rtd_loss
     aux = {"loss": total, "mlm_loss": mlm_loss, "mlm_accuracy": mlm_acc, "rtd_loss": rtd_loss,
            "rtd_accuracy": rtd_acc,
@@ -129,6 +128,29 @@ class RTDModels:
            "masked_tokens": valid.sum().astype(jnp.float32), "tokens": token_weight.sum(),
            "rtd_logits": disc_logits, "rtd_labels": replaced, "token_mask": attention_mask}
     return total, aux
+
+
+def masked_lm_loss(logits, targets, valid):
+  """Generator loss: cross-entropy averaged over the valid masked slots, and the argmax accuracy there.
+
+  logits [B, P, V] float; targets [B, P] int; valid [B, P] bool. Returns (loss, accuracy) scalars.
+  """
+  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+  n_masked = jnp.maximum(valid.sum(), 1)
+  return jnp.sum(nll * valid) / n_masked, jnp.sum((jnp.argmax(logits, -1) == targets) * valid) / n_masked
+
+
+def replaced_token_loss(disc_logits, replaced, attention_mask):
+  """Discriminator loss: sigmoid BCE with label 1 = replaced, averaged over real (non-pad) tokens.
+
+  disc_logits [B, L] float; replaced [B, L] bool; attention_mask [B, L] (1 = real token).
+  Returns (loss, accuracy of `logit > 0 == replaced`) scalars.
+  """
+  token_weight = attention_mask.astype(jnp.float32)
+  bce = sigmoid_bce(disc_logits.astype(jnp.float32), replaced.astype(jnp.float32))
+  n_tokens = jnp.maximum(token_weight.sum(), 1.0)
+  return jnp.sum(bce * token_weight) / n_tokens, jnp.sum(((disc_logits > 0) == replaced) * token_weight) / n_tokens
 
 
 def corrupt(original, positions, valid, sampled):

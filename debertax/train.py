@@ -140,6 +140,8 @@ class Trainer:
       new_params = optax.apply_updates(state.params, updates)
     metrics["grad_norm"] = optax.global_norm(grads)
     metrics["learning_rate"] = self.schedule(state.step)
+    if self.decoupled:
+      metrics["generator_learning_rate"] = self.gen_schedule(state.step)
     return TrainState(step=state.step + 1, params=new_params, opt_state=new_opt, rng=state.rng), metrics
 
   def step(self, state: TrainState, batch) -> tuple[TrainState, dict]:

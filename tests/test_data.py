@@ -456,3 +456,47 @@ def test_source_lines_reads_the_whole_corpus(tmp_path, corpus_lines):
     assert progress[0].startswith("  5,000 documents") and progress[-1].startswith("read ")
     with pytest.raises(BadInputError, match=rf"{path}:21: not valid UTF-8"):
         list(source_lines(str(path)))
+
+
+# ------------------------------------------------------------------------------------- held-out split
+def _documents_of_one_epoch(iterator):
+    """Token-id tuples of every document one epoch of the iterator packs (read through the packer's input)."""
+    return [tuple(ids) for _, ids in iterator._tokenized_documents(None)]
+
+
+def test_held_out_documents_never_reach_training(tmp_path, vocab_dir, tokenizer, corpus_lines):
+    lines = list(dict.fromkeys(line for line in corpus_lines if line.strip()))  # distinct documents
+    path = write_lines(tmp_path / "corpus.txt", lines)
+    everything = _documents_of_one_epoch(make_iterator(vocab_dir, tokenizer, source=path))
+    train_it = make_iterator(vocab_dir, tokenizer, source=path, split="train", holdout_every=10)
+    eval_it = make_iterator(vocab_dir, tokenizer, source=path, split="eval", holdout_every=10)
+    train, held_out = _documents_of_one_epoch(train_it), _documents_of_one_epoch(eval_it)
+    assert not set(train) & set(held_out)
+    assert sorted(train + held_out) == sorted(everything)
+    # About 1 in 10, chosen by text: the same choice on every host's shard.
+    assert 0.05 * len(lines) < len(held_out) < 0.15 * len(lines)
+    assert eval_it.documents_read == len(held_out)
+    shards = [_documents_of_one_epoch(make_iterator(vocab_dir, tokenizer, p, 3, source=path, split="eval",
+                                                    holdout_every=10)) for p in range(3)]
+    assert sorted(sum(shards, [])) == sorted(held_out)
+    # Batches of the eval split hold only held-out text.
+    batch = next(make_iterator(vocab_dir, tokenizer, source=path, split="eval", holdout_every=10))
+    held_tokens = {t for doc in held_out for t in doc}
+    assert set(batch["original_ids"][batch["attention_mask"] == 1].tolist()) - {CLS, SEP} <= held_tokens
+
+
+def test_split_settings_are_checked_and_part_of_the_fingerprint(tmp_path, vocab_dir, tokenizer, corpus_lines):
+    path = write_lines(tmp_path / "corpus.txt", corpus_lines[:50])
+    with pytest.raises(ValueError, match="holdout_every >= 2"):
+        DataConfig(split="eval", holdout_every=1)
+    with pytest.raises(ValueError, match="split must be"):
+        DataConfig(split="test", holdout_every=5)
+    train = make_iterator(vocab_dir, tokenizer, source=path, split="train", holdout_every=5)
+    next(train)
+    other = make_iterator(vocab_dir, tokenizer, source=path, split="train", holdout_every=7)
+    with pytest.raises(ValueError, match="fingerprint key 'split'"):
+        other.set_state(train.get_state())
+    empty = make_iterator(vocab_dir, tokenizer, source=write_lines(tmp_path / "one.txt", ["only one document"]),
+                          split="eval", holdout_every=1000003)
+    with pytest.raises(ValueError, match="has no text in its eval split"):
+        next(empty)

@@ -401,3 +401,71 @@ def test_workdir_of_another_config_is_refused(data, pretrained, single_device, t
   finetune._check_workdir_config(str(tmp_path), json.dumps({"train": {"lr": 1.0}}))
   with pytest.raises(ValueError, match=r"different config \(keys \['train.lr'\]\)"):
     finetune._check_workdir_config(str(tmp_path), json.dumps({"train": {"lr": 2.0}}))
+
+
+TINY_SHAPE = {"model.num_hidden_layers": 2, "model.hidden_size": 32, "model.num_attention_heads": 4,
+              "model.intermediate_size": 64, "model.position_buckets": 8, "model.max_relative_positions": 32,
+              "model.max_position_embeddings": 128}
+
+
+def test_defaults_reach_the_run_and_learn_from_random_weights(data, single_device, tmp_path):
+  # No train.* override: the task's row for model_size "auto" (configs/tiny.py's 4 x 128 shape: the "tiny"
+  # row), a warmup capped to 10% of the run, bias-corrected Adam, the table's classifier dropout and the
+  # released models' hidden/attention dropout 0.1.
+  from configs import common
+  shape = {f"model.{k}": v for k, v in common.SIZES["tiny"].items()}
+  config = glue_suite.apply_overrides(glue.get_config("sst2"), {
+      "data_dir": data["glue"], "allow_random_init": True, "vocab": data["spm"], **shape,
+      "model.position_buckets": 8, "model.max_relative_positions": 32})
+  result = finetune.run(config, str(tmp_path), mesh=single_device)
+  with open(tmp_path / "config.json") as f:
+    resolved = json.load(f)["resolved"]
+  large = tasks.default_hparams("sst2", "large")
+  steps = 8 * -(-512 // 32)  # 8 epochs of 512 rows in batches of 32
+  assert resolved["model_size"] == "tiny"
+  assert resolved["lr"] == pytest.approx(large.learning_rate * tasks.LR_SCALE_BY_SIZE["tiny"])
+  assert (resolved["epochs"], resolved["batch_size"], resolved["classifier_dropout"]) == (8, 32, 0.1)
+  assert resolved["warmup_steps"] == -(-steps // 10) < large.warmup_steps
+  with open(tmp_path / "metrics.jsonl") as f:
+    peak = max(json.loads(line).get("learning_rate", 0.0) for line in f if '"train"' in line)
+  assert peak == pytest.approx(resolved["lr"], rel=0.1)  # the schedule reaches its peak
+  assert result["metrics"]["dev"]["accuracy"] >= 0.9, result["history"]
+
+
+def test_warmup_longer_than_the_run_is_named(data, single_device, tmp_path, caplog):
+  config = _config("sst2", data, allow_random_init=True, vocab=data["spm"], max_train_examples=32,
+                   **TINY_SHAPE, **{"train.epochs": 1, "train.warmup_steps": 10})
+  with caplog.at_level("WARNING"):
+    finetune.run(config, str(tmp_path), mesh=single_device)
+  assert "warmup_steps=10 >= the run's 2 optimizer steps" in caplog.text
+
+
+def test_resume_in_the_middle_of_an_epoch_repeats_the_uninterrupted_run(data, pretrained, single_device, tmp_path,
+                                                                        monkeypatch):
+  overrides = {"max_train_examples": 96, "train.epochs": 2, "train.checkpoint_every": 2, "train.log_every": 1}
+  whole = finetune.run(_config("sst2", data, pretrained, **overrides), str(tmp_path / "whole"), mesh=single_device)
+
+  real_step, calls = finetune.Finetuner.step, []
+
+  def crashing_step(self, state, batch):  # A kill after the 5th step of 12: the last save was at step 4.
+    calls.append(1)
+    if len(calls) > 5:
+      raise KeyboardInterrupt("killed")
+    return real_step(self, state, batch)
+
+  workdir = str(tmp_path / "resumed")
+  monkeypatch.setattr(finetune.Finetuner, "step", crashing_step)
+  with pytest.raises(KeyboardInterrupt):
+    finetune.run(_config("sst2", data, pretrained, **overrides), workdir, mesh=single_device)
+  monkeypatch.setattr(finetune.Finetuner, "step", real_step)
+  resumed = finetune.run(_config("sst2", data, pretrained, **overrides), workdir, mesh=single_device)
+
+  def train_losses(path):
+    with open(os.path.join(path, "metrics.jsonl")) as f:
+      return {r["step"]: r["loss"] for r in map(json.loads, f) if r.get("split") == "train"}
+
+  whole_losses, resumed_losses = train_losses(str(tmp_path / "whole")), train_losses(workdir)
+  assert sorted(whole_losses) == list(range(1, 13))
+  for step in range(5, 13):  # steps 5.. were run again after the resume from step 4
+    assert resumed_losses[step] == pytest.approx(whole_losses[step], rel=1e-6), step
+  assert resumed["metrics"] == whole["metrics"]

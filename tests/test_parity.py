@@ -152,14 +152,34 @@ def test_round_trip_hf_debertax_hf(head, tmp_path):
   assert _max_err_valid(again, ref, mask) <= 1e-6
 
 
-def test_backbone_export_loads_in_every_hf_class(tmp_path):
-  """A backbone-only export loads into DebertaV2Model with nothing missing or unexpected."""
+# Each DebertaV2 class and the prefixes of its own head: what a backbone-only export cannot provide.
+HF_TASK_HEADS = {"DebertaV2Model": (), "DebertaV2ForMaskedLM": ("lm_predictions.",),
+                 "DebertaV2ForSequenceClassification": ("pooler.", "classifier."),
+                 "DebertaV2ForTokenClassification": ("classifier.",),
+                 "DebertaV2ForQuestionAnswering": ("qa_outputs.",)}
+
+
+@pytest.mark.parametrize("class_name", sorted(HF_TASK_HEADS))
+def test_backbone_export_loads_in_every_hf_class(class_name, tmp_path):
+  """A backbone-only export loads into every DebertaV2 class: the whole backbone is read (only the class's
+  own head is missing, nothing is unexpected) and its hidden states are the original model's."""
   model = _hf_model("v3", "none", seed=4)
   model.save_pretrained(tmp_path / "hf")
   ours = debertax.from_pretrained(str(tmp_path / "hf"))
   debertax.save_pretrained(ours, str(tmp_path / "back"), format="hf")
-  _, info = transformers.DebertaV2Model.from_pretrained(str(tmp_path / "back"), output_loading_info=True)
-  assert not info["missing_keys"] and not info["unexpected_keys"]
+  loaded, info = getattr(transformers, class_name).from_pretrained(str(tmp_path / "back"), output_loading_info=True)
+  assert not info["unexpected_keys"], info["unexpected_keys"]
+  assert not info.get("mismatched_keys"), info.get("mismatched_keys")
+  head = HF_TASK_HEADS[class_name]
+  missing = sorted(info["missing_keys"])
+  assert all(key.startswith(head) for key in missing) if head else not missing, missing
+  assert bool(missing) == bool(head), missing
+  backbone = loaded.eval() if class_name == "DebertaV2Model" else loaded.eval().deberta
+  ids, mask, _ = _batch(BASE["vocab_size"], 2, 21, seed=6, pad_from=15)
+  ref = _hf_forward(model, ids, mask)
+  got = _hf_forward(backbone, ids, mask)
+  assert _max_err_valid(got, ref, mask) <= 1e-6
+  assert _max_err_valid(ours.encode(ids, mask), got, mask) <= TOL
 
 
 def test_backbone_from_task_checkpoint(tmp_path):

@@ -175,6 +175,9 @@ def test_over_long_line_is_chunked_not_loaded(vocab, tmp_path):
   long.write_text(("word " * 400_000).strip() + "\n")  # One 2 MB line.
   config = small_config(vocab, steps=2)
   config.data.source = str(long)
+  with pytest.raises(ValueError, match="too small for config.data.holdout_every=1000"):
+    pretrain.run(config, str(tmp_path / "w0"))  # its two 1 MiB chunks hold no held-out document
+  config.data.holdout_every = 0
   history = pretrain.run(config, str(tmp_path / "w"))
   assert max(history["train"]) == 2
 
@@ -217,13 +220,14 @@ def test_plot_command(tmp_path):
 def test_tiny_demo_losses_fall(tmp_path):
   """The README's main job (configs/tiny.py), shortened: both losses fall clearly from the untrained model.
 
-  The starting point is the step-0 evaluation (log V for the generator, ~log 2 for the discriminator);
-  after 60 steps the generator has learned at least the unigram statistics and the discriminator the
-  replaced-token base rate.
+  The starting point is the step-0 evaluation (log V for the generator, ~log 2 for the discriminator, AUC
+  ~0.5); after 60 steps (warmup 6, as the config's 10%) the generator has learned at least the unigram
+  statistics, and the discriminator ranks replaced tokens of held-out documents above the originals.
   """
   import importlib
   config = importlib.import_module("configs.tiny").get_config()
   config.train.steps = 60
+  config.train.warmup_steps = 6
   config.train.eval_every = 60
   config.train.log_every = 20
   config.data.train_vocab_size = 500
@@ -231,6 +235,7 @@ def test_tiny_demo_losses_fall(tmp_path):
   start, end = history["eval"][0], history["eval"][60]
   assert end["mlm_loss"] < start["mlm_loss"] - 1.0, (start["mlm_loss"], end["mlm_loss"])
   assert end["rtd_loss"] < start["rtd_loss"] - 0.15, (start["rtd_loss"], end["rtd_loss"])
+  assert abs(start["rtd_auc"] - 0.5) < 0.1 and end["rtd_auc"] > 0.65, (start["rtd_auc"], end["rtd_auc"])
 
 
 def test_continue_training_from_exported_generator_and_discriminator(vocab, tmp_path):
@@ -261,3 +266,62 @@ def test_continue_training_from_exported_generator_and_discriminator(vocab, tmp_
   state, _ = checkpoint.TrainCheckpointer(str(tmp_path / "second" / "checkpoints"), 1, 5).restore(
       1, trainer.abstract_state)
   assert int(state.step) == 1
+
+
+class _FakeTrainer:
+  """What pretrain.evaluate needs of a Trainer: fixed per-batch outputs and fixed exported embeddings."""
+
+  def __init__(self, outputs, gen_embedding, disc_embedding):
+    self.outputs, self.calls = outputs, []
+    self.gen = {"deberta": {"embeddings": {"word_embeddings": {"embedding": gen_embedding}}}}
+    self.disc = {"deberta": {"embeddings": {"word_embeddings": {"embedding": disc_embedding}}}}
+
+  def evaluate(self, state, batch):
+    self.calls.append((state, batch))
+    return self.outputs[batch]
+
+  def export_params(self, state):
+    return self.gen, self.disc
+
+
+def test_evaluate_metrics_by_hand():
+  sklearn_metrics = pytest.importorskip("sklearn.metrics")
+  from debertax import rtd
+  rng = np.random.default_rng(0)
+  outputs = []
+  for index, (tokens, masked) in enumerate([(20.0, 4.0), (10.0, 2.0)]):
+    labels = rng.random((2, 8)) < 0.3
+    logits = rng.normal(size=(2, 8)).astype(np.float32) + 1.5 * labels
+    mask = np.ones((2, 8), np.int32)
+    mask[1, 5 - 3 * index:] = 0
+    # Adversarial pads: confidently wrong in both directions; counting them would drag the AUC down.
+    pads = mask == 0
+    labels[pads] = np.arange(pads.sum()) % 2 == 0
+    logits[pads] = np.where(labels[pads], -100.0, 100.0)
+    outputs.append({"loss": np.float32(3.0 + index), "mlm_loss": np.float32(2.0 * index), "rtd_loss": np.float32(0.5),
+                    "rtd_accuracy": np.float32(0.9 - 0.2 * index), "tokens": np.float32(tokens),
+                    "masked_tokens": np.float32(masked), "rtd_logits": logits, "rtd_labels": labels,
+                    "token_mask": mask})
+  gen_embedding = rng.normal(size=(12, 4)).astype(np.float32)
+  disc_embedding = gen_embedding + np.float32(3.0)  # E_G + E_delta, far from E_G in cosine terms.
+  trainer = _FakeTrainer(outputs, gen_embedding, disc_embedding)
+  out = pretrain.evaluate(trainer, "state", [0, 1])
+  assert trainer.calls == [("state", 0), ("state", 1)]
+
+  valid = np.concatenate([o["token_mask"].reshape(-1) > 0 for o in outputs])
+  all_logits = np.concatenate([o["rtd_logits"].reshape(-1) for o in outputs])
+  all_labels = np.concatenate([o["rtd_labels"].reshape(-1) for o in outputs])
+  expected_auc = sklearn_metrics.roc_auc_score(all_labels[valid], all_logits[valid])
+  assert out["rtd_auc"] == pytest.approx(expected_auc, rel=1e-9)
+  assert abs(sklearn_metrics.roc_auc_score(all_labels, all_logits) - expected_auc) > 0.05  # pads would show.
+  # Scalar metrics: the mean of the per-batch values (not weighted by tokens); counts are not reported.
+  assert out["loss"] == pytest.approx(3.5) and out["mlm_loss"] == pytest.approx(1.0)
+  assert out["rtd_loss"] == pytest.approx(0.5) and out["rtd_accuracy"] == pytest.approx(0.8)
+  assert "tokens" not in out and "masked_tokens" not in out
+  # Average pairwise cosine of what export_params returns: the discriminator's exported (E_G + E_delta) matrix.
+  unit = lambda e: e / np.linalg.norm(e, axis=1, keepdims=True)
+  pairwise = lambda e: ((unit(e) @ unit(e).T).sum() - len(e)) / (len(e) * (len(e) - 1))
+  assert out["cosine_E_G"] == pytest.approx(pairwise(gen_embedding.astype(np.float64)), abs=1e-6)
+  assert out["cosine_E_D"] == pytest.approx(pairwise(disc_embedding.astype(np.float64)), abs=1e-6)
+  assert out["cosine_E_D"] > out["cosine_E_G"] + 0.5
+  assert out["cosine_E_D"] == pytest.approx(rtd.average_pairwise_cosine(disc_embedding), abs=1e-9)

@@ -2,6 +2,7 @@
 submission files and fine-tuning defaults."""
 
 import codecs
+import dataclasses
 import logging
 
 import numpy as np
@@ -796,10 +797,21 @@ def test_default_hparams_follow_the_reference_table():
             hp.max_length,
         ) == row
         if task != "mnli":
-            assert tasks.default_hparams(task, "base") == hp
+            # Other sizes: the large row with the learning rate scaled for the width.
+            for size, scale in (("base", 2.0), ("small", 3.0), ("xsmall", 4.0), ("tiny", 50.0)):
+                other = tasks.default_hparams(task, size)
+                assert other.learning_rate == pytest.approx(row[0] * scale, rel=1e-12)
+                assert dataclasses.replace(other, learning_rate=hp.learning_rate) == hp
     base_mnli = tasks.default_hparams("mnli", "base")
     assert (base_mnli.learning_rate, base_mnli.epochs, base_mnli.warmup_steps) == (1.5e-5, 3, 1000)
     xnli = tasks.default_hparams("xnli", "base")
     assert (xnli.learning_rate, xnli.warmup_steps, xnli.max_length) == (1.5e-5, 3000, 256)
     with pytest.raises(ValueError, match="unknown model size"):
         tasks.default_hparams("rte", "huge")
+
+
+def test_default_warmup_is_capped_to_a_share_of_the_run():
+    assert tasks.warmup_for_run(500, 10_000) == 500  # the table's value where the run is long
+    assert tasks.warmup_for_run(500, 500) == 50  # 10% of a short run
+    assert tasks.warmup_for_run(3000, 7) == 1  # rounded up: at least one warmup step
+    assert tasks.warmup_for_run(50, 0) == 0
