@@ -243,3 +243,16 @@ def test_average_pairwise_cosine():
   assert np.isclose(rtd.average_pairwise_cosine(x), expected)
   same = np.tile(rng.normal(size=(1, 8)), (10, 1))
   assert np.isclose(rtd.average_pairwise_cosine(same), 1.0)
+
+
+def test_narrower_generator_shares_the_discriminator_embedding_width():
+  """ELECTRA-style generator (half the width): GDES still shares one [V, D_disc] embedding via embed_proj."""
+  disc = ModelConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=64, position_buckets=8, max_relative_positions=32, max_position_embeddings=64)
+  gen = rtd.generator_config(disc, ml_collections.ConfigDict({"generator_layers": 2, "generator_hidden_size": 16}))
+  assert (gen.hidden_size, gen.intermediate_size, gen.num_attention_heads, gen.embed_dim) == (16, 64, 2, 32)
+  params = rtd.RTDModels(disc, gen, "gdes").init(jax.random.PRNGKey(0))
+  e_g = params["generator"]["deberta"]["embeddings"]["word_embeddings"]["embedding"]
+  e_delta = params["discriminator"]["deberta"]["embeddings"]["word_embeddings"]["embedding"]
+  assert e_g.shape == e_delta.shape == (VOCAB, 32)
+  assert params["generator"]["deberta"]["embeddings"]["embed_proj"]["kernel"].shape == (32, 16)
