@@ -511,6 +511,10 @@ class PackedSequence:
     length: int
 
 
+class EmptySplitError(ValueError):
+    """The train or eval split of a source holds no document (see DataConfig.holdout_every)."""
+
+
 def is_held_out(text: str, holdout_every: int) -> bool:
     """Whether a document belongs to the evaluation split: 1 in `holdout_every` by a hash of its text."""
     digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
@@ -776,9 +780,11 @@ class PretrainingIterator:
         self._bad_lines_in_window = 0
         if self._window_is_last:
             if not self._epoch_has_text:
-                split = ("" if self.config.split == "all" else
-                         f" in its {self.config.split} split (1 in {self.config.holdout_every} documents held out)")
-                raise ValueError(f"data source {self.source.description} has no text{split}")
+                if self.config.split != "all":
+                    raise EmptySplitError(
+                        f"data source {self.source.description} has no text in its {self.config.split} split "
+                        f"(1 in {self.config.holdout_every} documents held out)")
+                raise ValueError(f"data source {self.source.description} has no text")
             self._epoch += 1
             self._window_index = 0
             self._window_start = None

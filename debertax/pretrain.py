@@ -20,7 +20,7 @@ from absl import logging
 
 from debertax import checkpoint as checkpoint_lib
 from debertax import convert, eval_metrics, flops, rtd
-from debertax.data import DataConfig, PretrainingIterator, source_lines
+from debertax.data import DataConfig, EmptySplitError, PretrainingIterator, source_lines
 from debertax.metric_writer import MetricWriter
 from debertax.tokenizer import Tokenizer, train_sentencepiece
 from debertax.train import Trainer
@@ -232,9 +232,7 @@ def run(config, workdir: str, mode: str = "train") -> dict:
   eval_iterator = PretrainingIterator(data_config(config, tokenizer, "eval"), tokenizer)
   try:
     eval_batches = [next(eval_iterator) for _ in range(EVAL_BATCHES)]
-  except ValueError as e:
-    if "eval split" not in str(e):
-      raise
+  except EmptySplitError as e:
     raise ValueError(f"{e}: the corpus is too small for config.data.holdout_every={config.data.holdout_every}; "
                      "set it lower, or to 0 to evaluate on training documents") from None
   if config.data.get("holdout_every", 0) > 0:
