@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from debertax import checkpoint, compile_options, convert
+from debertax import checkpoint, compile_options, convert, storage
 from debertax import heads as heads_lib
 from debertax.config import ModelConfig
 
@@ -112,7 +111,7 @@ def from_pretrained(path: str, head: str | None = None, use_emd: bool | None = N
   head: None keeps the checkpoint's head; 'none' loads just the backbone from any checkpoint.
   dtype: optional compute dtype ('bfloat16'); parameters stay float32.
   """
-  if not os.path.isdir(path):
+  if not storage.isdir(path):
     raise FileNotFoundError(f"{path}: not a directory (expected a Hugging Face or debertax model directory)")
   if checkpoint.is_model_dir(path):
     config, params, stored_head, stored_emd = checkpoint.load_model_dir(path)
@@ -128,9 +127,9 @@ def from_pretrained(path: str, head: str | None = None, use_emd: bool | None = N
   if dtype:
     config = config.replace(dtype=dtype)
   params = jax.tree_util.tree_map(jnp.asarray, params)
-  spm = os.path.join(path, "spm.model")
+  spm = storage.join(path, "spm.model")
   tokenizer = None
-  if os.path.exists(spm):
+  if storage.exists(spm):
     from debertax.tokenizer import Tokenizer
     tokenizer = Tokenizer.load(spm)
   return PretrainedDeberta(config, params, head, bool(use_emd and head == "mlm"), tokenizer,

@@ -10,12 +10,12 @@ Training workdirs use `TrainCheckpointer` (an Orbax CheckpointManager) with the 
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
+from debertax import storage
 from debertax.config import ModelConfig
 
 MODEL_META = "debertax.json"
@@ -23,40 +23,35 @@ PARAMS_DIR = "params"
 
 
 def is_model_dir(path: str) -> bool:
-  return os.path.exists(os.path.join(path, MODEL_META))
+  return storage.exists(storage.join(path, MODEL_META))
 
 
 def save_model_dir(path: str, params, config: ModelConfig, head: str, use_emd: bool,
                    spm_model: str | None = None) -> str:
-  path = os.path.abspath(path)
-  os.makedirs(path, exist_ok=True)
-  params_dir = os.path.join(path, PARAMS_DIR)
+  path = storage.absolute(path)
+  storage.makedirs(path)
+  params_dir = storage.join(path, PARAMS_DIR)
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(params_dir, params, force=True)
   checkpointer.wait_until_finished()
   meta = {"config": json.loads(config.to_json()), "head": head, "use_emd": bool(use_emd)}
   # Written last, so a directory with debertax.json always has complete parameters.
-  tmp = os.path.join(path, MODEL_META + ".tmp")
-  with open(tmp, "w") as f:
-    json.dump(meta, f, indent=2, sort_keys=True)
-  os.replace(tmp, os.path.join(path, MODEL_META))
-  if spm_model and os.path.abspath(spm_model) != os.path.join(path, "spm.model"):
-    import shutil
-    shutil.copyfile(spm_model, os.path.join(path, "spm.model"))
+  storage.write_atomic(storage.join(path, MODEL_META), json.dumps(meta, indent=2, sort_keys=True))
+  if spm_model and storage.absolute(spm_model) != storage.join(path, "spm.model"):
+    storage.copy_file(spm_model, storage.join(path, "spm.model"))
   return path
 
 
 def load_model_dir(path: str) -> tuple[ModelConfig, Any, str, bool]:
   """-> (config, params as NumPy-backed host arrays, head, use_emd)."""
-  meta_path = os.path.join(path, MODEL_META)
+  meta_path = storage.join(path, MODEL_META)
   try:
-    with open(meta_path) as f:
-      meta = json.load(f)
+    meta = json.loads(storage.read_text(meta_path))
   except json.JSONDecodeError as e:
     raise ValueError(f"{meta_path}:{e.lineno}: not valid JSON: {e.msg}") from e
   config = ModelConfig.from_dict(meta["config"])
-  params_dir = os.path.join(os.path.abspath(path), PARAMS_DIR)
-  if not os.path.isdir(params_dir):
+  params_dir = storage.join(storage.absolute(path), PARAMS_DIR)
+  if not storage.isdir(params_dir):
     raise FileNotFoundError(f"{params_dir}: missing parameter checkpoint")
   params = restore_tree(params_dir)
   return config, params, meta["head"], bool(meta.get("use_emd", False))
@@ -86,7 +81,7 @@ class TrainCheckpointer:
   """
 
   def __init__(self, directory: str, save_every: int, keep: int, async_save: bool = True):
-    self.directory = os.path.abspath(directory)
+    self.directory = storage.absolute(directory)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, save_interval_steps=max(int(save_every), 1), create=True,
         enable_async_checkpointing=async_save)

@@ -13,8 +13,8 @@ names. Nothing is ever silently initialised at random.
 from __future__ import annotations
 
 import argparse
+import io
 import json
-import os
 import re
 import sys
 from typing import Any
@@ -23,6 +23,7 @@ import numpy as np
 from flax import traverse_util
 
 from debertax import heads as heads_lib
+from debertax import storage
 from debertax.config import ModelConfig
 
 SAFETENSORS = "model.safetensors"
@@ -43,19 +44,22 @@ class CheckpointError(ValueError):
 
 def read_state_dict(path: str) -> dict[str, np.ndarray]:
   """Reads a .safetensors (no torch needed) or a torch .bin into float32/int NumPy arrays."""
-  if not os.path.exists(path):
+  if not storage.exists(path):
     raise FileNotFoundError(f"{path}: no such checkpoint file")
   try:
     if path.endswith(".safetensors"):
-      from safetensors.numpy import load_file
-      tensors = load_file(path)
+      from safetensors import numpy as safetensors_numpy
+      # Local files are memory-mapped; an object is read whole.
+      tensors = (safetensors_numpy.load(storage.read_bytes(path)) if storage.is_remote(path)
+                 else safetensors_numpy.load_file(path))
     else:
       try:
         import torch
       except ImportError as e:
         raise ImportError(f"{path}: reading a .bin checkpoint needs torch (pip install torch==2.13.0); "
                           f"safetensors files need no torch") from e
-      raw = torch.load(path, map_location="cpu", weights_only=True)
+      raw = torch.load(io.BytesIO(storage.read_bytes(path)) if storage.is_remote(path) else path,
+                       map_location="cpu", weights_only=True)
       if isinstance(raw, dict) and "state_dict" in raw and isinstance(raw["state_dict"], dict):
         raw = raw["state_dict"]
       tensors = {k: v.float().numpy() if v.is_floating_point() else v.numpy() for k, v in raw.items()}
@@ -70,19 +74,18 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
 
 def find_weights_file(directory: str) -> str:
   for name in (SAFETENSORS, TORCH_BIN):
-    path = os.path.join(directory, name)
-    if os.path.exists(path):
+    path = storage.join(directory, name)
+    if storage.exists(path):
       return path
   raise FileNotFoundError(f"{directory}: no {SAFETENSORS} or {TORCH_BIN} found")
 
 
 def read_hf_config(directory: str) -> tuple[ModelConfig, dict[str, Any]]:
-  path = os.path.join(directory, "config.json")
-  if not os.path.exists(path):
+  path = storage.join(directory, "config.json")
+  if not storage.exists(path):
     raise FileNotFoundError(f"{path}: missing (a Hugging Face checkpoint directory needs config.json)")
   try:
-    with open(path) as f:
-      raw = json.load(f)
+    raw = json.loads(storage.read_text(path))
   except json.JSONDecodeError as e:
     raise CheckpointError(f"{path}:{e.lineno}: not valid JSON: {e.msg}") from e
   meta = raw.pop(META_KEY, {}) or {}
@@ -212,24 +215,21 @@ def write_hf_directory(params: dict, config: ModelConfig, out_dir: str, head: st
                        use_emd: bool = False, spm_model: str | None = None,
                        extra_config: dict | None = None) -> str:
   """Writes config.json + model.safetensors (+ spm.model) that transformers loads."""
-  from safetensors.numpy import save_file
+  from safetensors.numpy import save
   if head == "mlm" and config.embed_dim != config.hidden_size:
     raise ValueError("transformers' DebertaV2ForMaskedLM (legacy=False) requires embedding_size == "
                      "hidden_size; this MLM head cannot be exported to Hugging Face")
-  os.makedirs(out_dir, exist_ok=True)
+  storage.makedirs(out_dir)
   hf_config = config.to_hf_dict()
   hf_config["architectures"] = [_ARCHITECTURES[head]]
   hf_config[META_KEY] = {"head": head, "use_emd": bool(use_emd)}
   if extra_config:
     hf_config.update(extra_config)
-  tmp = os.path.join(out_dir, SAFETENSORS + ".tmp")
-  save_file(params_to_hf_state(params), tmp, metadata={"format": "pt"})
-  os.replace(tmp, os.path.join(out_dir, SAFETENSORS))  # Atomic: never a half-written weights file.
-  with open(os.path.join(out_dir, "config.json"), "w") as f:
-    json.dump(hf_config, f, indent=2, sort_keys=True)
+  # Atomic writes: never a half-written weights file, and config.json (what loaders look for) comes last.
+  storage.write_atomic(storage.join(out_dir, SAFETENSORS), save(params_to_hf_state(params), metadata={"format": "pt"}))
+  storage.write_atomic(storage.join(out_dir, "config.json"), json.dumps(hf_config, indent=2, sort_keys=True))
   if spm_model:
-    import shutil
-    shutil.copyfile(spm_model, os.path.join(out_dir, "spm.model"))
+    storage.copy_file(spm_model, storage.join(out_dir, "spm.model"))
   return out_dir
 
 
@@ -237,7 +237,7 @@ def load_hf_directory(directory: str, head: str | None = None, use_emd: bool | N
                       weights_file: str | None = None):
   """-> (config, params, head, use_emd) from a Hugging Face directory. head=None detects it from the keys."""
   config, meta = read_hf_config(directory)
-  path = os.path.join(directory, weights_file) if weights_file else find_weights_file(directory)
+  path = storage.join(directory, weights_file) if weights_file else find_weights_file(directory)
   state = read_state_dict(path)
   detected = detect_head(state)
   if head in (None, "auto"):

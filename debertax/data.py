@@ -2,7 +2,8 @@
 
 Sources (`DataConfig.source`)
   "default"             the embedded corpus of `debertax.corpus` (about 2 MB, in memory);
-  a path or a glob      UTF-8 text files ("/data/*.txt"), ONE DOCUMENT PER LINE; blank lines are
+  a path or a glob      UTF-8 text files ("/data/*.txt", "gs://bucket/corpus/**/*.txt": any path
+                        debertax.storage reads), ONE DOCUMENT PER LINE; blank lines are
                         skipped. Files are streamed with bounded reads: a line longer than
                         `max_line_bytes` is cut (at a space where possible) into chunks, and every
                         chunk is a document of its own. A glob's matches that are directories are
@@ -57,20 +58,19 @@ from __future__ import annotations
 import abc
 import dataclasses
 import functools
-import glob
 import hashlib
 import io
 import itertools
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
+from debertax import storage
 from debertax.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -163,7 +163,7 @@ class BadInputError(ValueError):
 def line_number_at(path: str, byte_offset: int) -> int:
     """1-based number of the line of `path` holding byte `byte_offset` (read in bounded blocks)."""
     newlines = 0
-    with open(path, "rb") as stream:
+    with storage.open_file(path, "rb") as stream:
         remaining = byte_offset
         while remaining > 0:
             block = stream.read(min(_NEWLINE_COUNT_BLOCK, remaining))
@@ -277,7 +277,7 @@ class TextFileSource(TextSource):
     ):
         self._spec = spec
         self._paths = paths
-        self._sizes = [os.path.getsize(path) for path in paths]
+        self._sizes = [storage.getsize(path) for path in paths]
         self._process_index = process_index
         self._process_count = process_count
         self._seed = seed
@@ -311,7 +311,7 @@ class TextFileSource(TextSource):
         path = self._paths[file_index]
         range_start, range_end = shard_range(self._sizes[file_index], self._process_index,
                                              self._process_count)
-        with open(path, "rb") as stream:
+        with storage.open_file(path, "rb") as stream:
             if resume.get("offset") is None:
                 offset, in_line = self._first_line_start(stream, range_start), False
             else:
@@ -389,19 +389,15 @@ def _default_corpus() -> tuple[str, ...]:
 
 def _expand_paths(spec: str) -> list[str]:
     if _GLOB_CHARACTERS & set(spec):
-        matches = sorted(glob.glob(spec, recursive=True))
-        paths = [path for path in matches if os.path.isfile(path)]
-        if not paths:
-            raise FileNotFoundError(
-                f"data source glob {spec!r} matched no files"
-                + (f" (only directories: {matches[:3]})" if matches else "")
-            )
-        return paths
-    if os.path.isdir(spec):
+        files = storage.glob(spec)
+        if not files:
+            raise FileNotFoundError(f"data source glob {spec!r} matched no files")
+        return files
+    if storage.isdir(spec):
         raise IsADirectoryError(
             f"data source {spec!r} is a directory; give a file or a glob such as {spec.rstrip('/')}/*.txt"
         )
-    if not os.path.isfile(spec):
+    if not storage.isfile(spec):
         raise FileNotFoundError(
             f"data source {spec!r} is not a file (expected 'default', a text file, a glob, or "
             f"'tfds:NAME[:SPLIT]')"

@@ -35,8 +35,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import shutil
 import time
 from typing import Any
 
@@ -50,7 +48,7 @@ from flax import linen as nn
 from flax import traverse_util
 
 from debertax import checkpoint as checkpoint_lib
-from debertax import compile_options, eval_metrics, sharding, tasks
+from debertax import compile_options, eval_metrics, sharding, storage, tasks
 from debertax import heads as heads_lib
 from debertax import optimizer as optimizer_lib
 from debertax.config import RUNTIME_FIELDS, ModelConfig, parse_pos_att_type
@@ -161,11 +159,11 @@ def _local_split_exists(task: str, split: str, config, language: str | None = No
   """Whether an optional split (a test set) has a local file; TFDS always serves the GLUE/XNLI test splits."""
   spec = tasks.get_task(task)
   if task == "xnli":
-    return not config.xnli.eval_dir or os.path.isfile(os.path.join(config.xnli.eval_dir,
+    return not config.xnli.eval_dir or storage.isfile(storage.join(config.xnli.eval_dir,
                                                                    spec.file_name(split, language)))
   if not config.data_dir:
     return True
-  return os.path.isfile(os.path.join(config.data_dir, spec.data_dir_name, spec.file_name(split)))
+  return storage.isfile(storage.join(config.data_dir, spec.data_dir_name, spec.file_name(split)))
 
 
 def xnli_languages(config) -> tuple[str, ...]:
@@ -241,8 +239,8 @@ def _translate_train_all(config, tokenizer, max_length, languages) -> EncodedSpl
                      "(a folder of train-<lang>.tsv files)")
   parts = []
   for language in languages:
-    path = os.path.join(config.xnli.translate_train_dir, f"train-{language}.tsv")
-    if not os.path.isfile(path):
+    path = storage.join(config.xnli.translate_train_dir, f"train-{language}.tsv")
+    if not storage.isfile(path):
       raise FileNotFoundError(f"{path}: no translate-train file for language {language!r}")
     parts.append(encode_split("train", "mnli", tasks.read_tsv("xnli", path, on_bad_row=config.on_bad_row),
                               tokenizer, max_length, language))
@@ -578,19 +576,16 @@ def _better(value: float, best: float | None) -> bool:
 
 # The run ------------------------------------------------------------------------------------------------------
 def _check_workdir_config(workdir: str, config_json: str):
-  path = os.path.join(workdir, "config.json")
-  if os.path.exists(path):
-    with open(path) as f:
-      previous = f.read()
+  path = storage.join(workdir, "config.json")
+  if storage.exists(path):
+    previous = storage.read_text(path)
     if json.loads(previous) != json.loads(config_json):
       old, new = (traverse_util.flatten_dict(json.loads(s), sep=".") for s in (previous, config_json))
       diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
       raise ValueError(f"{path}: this workdir was used with a different config (keys {diff}); use a new --workdir "
                        f"or the same config to resume")
   else:
-    with open(path + ".tmp", "w") as f:
-      f.write(config_json)
-    os.replace(path + ".tmp", path)
+    storage.write_atomic(path, config_json)
 
 
 @dataclasses.dataclass
@@ -615,7 +610,7 @@ def load_initial(config, num_labels: int, eval_only: bool) -> InitialModel:
     if spm_path is None:
       raise ValueError("a random initialisation needs config.vocab (an spm.model)")
     return InitialModel(None, None, Tokenizer.load(spm_path), spm_path, "random initialisation")
-  if not os.path.isdir(config.init_from):
+  if not storage.isdir(config.init_from):
     raise FileNotFoundError(f"config.init_from={config.init_from}: not a directory")
   if eval_only:
     loaded = api.from_pretrained(config.init_from)
@@ -634,35 +629,34 @@ def load_initial(config, num_labels: int, eval_only: bool) -> InitialModel:
 
 def _save_best(workdir: str, params, model_config: ModelConfig, tokenizer_path: str | None, task_meta: dict):
   """Writes best_model/ next to the old one and swaps, so a crash leaves a complete best model on disk."""
-  final = os.path.join(workdir, BEST_MODEL_DIR)
+  final = storage.join(workdir, BEST_MODEL_DIR)
   fresh, old = final + ".new", final + ".old"
-  shutil.rmtree(fresh, ignore_errors=True)
+  storage.rmtree(fresh)
   checkpoint_lib.save_model_dir(fresh, params, model_config, "cls", False, tokenizer_path)
   if jax.process_index() == 0:
-    with open(os.path.join(fresh, TASK_META), "w") as f:
-      json.dump(task_meta, f, indent=2)
-    if os.path.exists(final):
-      shutil.rmtree(old, ignore_errors=True)
-      os.rename(final, old)
-    os.rename(fresh, final)
-    shutil.rmtree(old, ignore_errors=True)
+    storage.write_atomic(storage.join(fresh, TASK_META), json.dumps(task_meta, indent=2))
+    if storage.exists(final):
+      storage.rmtree(old)
+      storage.rename(final, old)
+    storage.rename(fresh, final)
+    storage.rmtree(old)
 
 
 def _recover_best_dir(workdir: str):
   """After a crash during the swap in _save_best, the complete copy is best_model.new or best_model.old."""
-  final = os.path.join(workdir, BEST_MODEL_DIR)
+  final = storage.join(workdir, BEST_MODEL_DIR)
   for leftover in (final + ".new", final + ".old"):
-    if not os.path.exists(final) and checkpoint_lib.is_model_dir(leftover) and os.path.exists(
-        os.path.join(leftover, TASK_META)):
-      os.rename(leftover, final)
-    shutil.rmtree(leftover, ignore_errors=True)
+    if not storage.exists(final) and checkpoint_lib.is_model_dir(leftover) and storage.exists(
+        storage.join(leftover, TASK_META)):
+      storage.rename(leftover, final)
+    storage.rmtree(leftover)
 
 
 def write_predictions(workdir: str, split: EncodedSplit, logits: np.ndarray) -> str | None:
   """GLUE-submission-format file for a GLUE split (dev files use the name of the matching test file)."""
   if split.task == "xnli" or split.name not in _SUBMISSION_SPLIT_OF:
     return None
-  out_dir = os.path.join(workdir, "predictions", split.name)
+  out_dir = storage.join(workdir, "predictions", split.name)
   path = tasks.write_glue_submission(split.task, _SUBMISSION_SPLIT_OF[split.name], split.indices,
                                      predictions_from_logits(split.task, logits), out_dir)
   return str(path)
@@ -685,8 +679,8 @@ def result_tables(results: dict) -> str:
 def run(config, workdir: str, mesh=None) -> dict:
   """Fine-tunes (or, with eval_only / epochs=0, evaluates) and returns the results dict (also results.json)."""
   wall_start = time.time()
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
+  workdir = storage.absolute(workdir)
+  storage.makedirs(workdir)
   primary = jax.process_index() == 0
   if config.task not in ("glue", "xnli"):
     raise ValueError(f"config.task={config.task!r}: finetune.run handles glue and xnli")
@@ -731,7 +725,7 @@ def run(config, workdir: str, mesh=None) -> dict:
   best_epoch = None
   if not eval_only:
     history, best_epoch = _train(config, workdir, finetuner, data, steps_per_epoch, initial, task_meta, evaluate)
-    best_dir = os.path.join(workdir, BEST_MODEL_DIR)
+    best_dir = storage.join(workdir, BEST_MODEL_DIR)
     _, best_params, _, _ = checkpoint_lib.load_model_dir(best_dir)
     params = finetuner.place_params(best_params)
     evaluated_from = best_dir
@@ -766,9 +760,7 @@ def run(config, workdir: str, mesh=None) -> dict:
     results["glue_results"] = ({"mnli_m": scores["dev_matched"], "mnli_mm": scores["dev_mismatched"]}
                                if spec.name == "mnli" else {spec.name: scores["dev"]})
   if primary:
-    with open(os.path.join(workdir, "results.json.tmp"), "w") as f:
-      json.dump(results, f, indent=2)
-    os.replace(os.path.join(workdir, "results.json.tmp"), os.path.join(workdir, "results.json"))
+    storage.write_atomic(storage.join(workdir, "results.json"), json.dumps(results, indent=2))
     logging.info("Results (%s, %.0f s) in %s/results.json:\n%s", evaluated_from, results["wall_time_s"], workdir,
                  result_tables(results))
   return results
@@ -780,7 +772,7 @@ def _train(config, workdir, finetuner: Finetuner, data: TaskData, steps_per_epoc
 
   Returns (history: one dict per evaluated epoch, best epoch)."""
   primary = jax.process_index() == 0
-  ckpt = checkpoint_lib.TrainCheckpointer(os.path.join(workdir, "checkpoints"), save_every=1, keep=1)
+  ckpt = checkpoint_lib.TrainCheckpointer(storage.join(workdir, "checkpoints"), save_every=1, keep=1)
   writer = MetricWriter(workdir, enabled=primary)
   train, settings, model_config = data.train, finetuner.settings, finetuner.model_config
   accum = settings.grad_accum_steps

@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import ast
 import json
-import os
 import time
 
 from absl import app, flags, logging
 
-from debertax import eval_metrics, finetune
+from debertax import eval_metrics, finetune, storage
 
 FLAGS = flags.FLAGS
 
@@ -81,7 +80,7 @@ def run_suite(task_names, workdir: str, overrides: dict | None = None, mesh=None
   results, table_input, started = {}, {}, time.time()
   for task, config in configs.items():
     logging.info("GLUE suite: %s (%d of %d)", task, len(results) + 1, len(configs))
-    results[task] = finetune.run(config, os.path.join(workdir, task), mesh=mesh)
+    results[task] = finetune.run(config, storage.join(workdir, task), mesh=mesh)
     table_input.update(results[task]["glue_results"])
   table = eval_metrics.format_glue_table(table_input, name=name)
   summary = {"tasks": list(task_names), "glue_results": table_input,
@@ -89,11 +88,9 @@ def run_suite(task_names, workdir: str, overrides: dict | None = None, mesh=None
              "total_wall_time_s": round(time.time() - started, 1)}
   if len(table_input) == len(eval_metrics.GLUE_RESULT_KEYS):
     summary["glue_score"] = eval_metrics.glue_score(table_input)
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "glue_results.json"), "w") as f:
-    json.dump(summary, f, indent=2)
-  with open(os.path.join(workdir, "glue_table.md"), "w") as f:
-    f.write(table + "\n")
+  storage.makedirs(workdir)
+  storage.write_atomic(storage.join(workdir, "glue_results.json"), json.dumps(summary, indent=2))
+  storage.write_atomic(storage.join(workdir, "glue_table.md"), table + "\n")
   return results, table
 
 

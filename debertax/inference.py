@@ -30,9 +30,9 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import io
 import json
 import math
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from debertax import compile_options
+from debertax import compile_options, storage
 from debertax import heads as heads_lib
 from debertax.config import ModelConfig
 
@@ -278,7 +278,7 @@ def read_inputs(path: str, text_field: str = "text", pair_field: str = "text_pai
   (or are skipped and counted with on_bad_row='skip')."""
   if on_bad_row not in ("error", "skip"):
     raise ValueError(f"on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
-  if not os.path.isfile(path):
+  if not storage.isfile(path):
     raise FileNotFoundError(f"{path}: no such input file")
   jsonl = path.endswith((".jsonl", ".json"))
   if not jsonl and not path.endswith((".tsv", ".txt")):
@@ -286,7 +286,7 @@ def read_inputs(path: str, text_field: str = "text", pair_field: str = "text_pai
   texts, pairs, lines, skipped = [], [], [], []
   wanted = [c.strip() for c in columns.split(",") if c.strip()]
   positions = None
-  with open(path, encoding="utf-8-sig") as handle:
+  with storage.open_file(path, encoding="utf-8-sig") as handle:
     for number, raw in enumerate(handle, start=1):
       line = raw.rstrip("\n").rstrip("\r")
       if not line:  # Blank lines (a trailing newline) are not rows; a line of tabs or spaces is a bad row.
@@ -339,11 +339,10 @@ def read_inputs(path: str, text_field: str = "text", pair_field: str = "text_pai
 
 def _label_names(model_dir: str) -> list | None:
   """Label names a fine-tuning run stored next to the model (best_model/task.json), if any."""
-  path = os.path.join(model_dir, "task.json")
-  if not os.path.exists(path):
+  path = storage.join(model_dir, "task.json")
+  if not storage.exists(path):
     return None
-  with open(path) as f:
-    return json.load(f).get("label_names")
+  return json.loads(storage.read_text(path)).get("label_names")
 
 
 def main(argv=None) -> int:
@@ -389,16 +388,14 @@ def main(argv=None) -> int:
   except (FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
-  os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-  tmp = args.output + ".tmp"
+  storage.makedirs(storage.dirname(storage.absolute(args.output)))
   if records is None:
-    with open(tmp, "wb") as f:
-      np.save(f, embeddings)
+    buffer = io.BytesIO()
+    np.save(buffer, embeddings)
+    storage.write_atomic(args.output, buffer.getvalue())
   else:
-    with open(tmp, "w") as f:
-      for line, record in zip(rows.lines, records):
-        f.write(json.dumps({"line": line, **record}) + "\n")
-  os.replace(tmp, args.output)
+    storage.write_atomic(args.output, "".join(json.dumps({"line": line, **record}) + "\n"
+                                              for line, record in zip(rows.lines, records)))
   stats = predictor.stats.as_dict()
   logging.info("%s: %d rows -> %s; %d tokens in %.2f s = %.1f tokens/s (%d padded tokens computed, %d batch "
                "shapes)", args.command, len(rows.texts), args.output, stats["tokens"], stats["seconds"],

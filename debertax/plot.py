@@ -6,9 +6,11 @@
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import sys
 
+from debertax import storage
 from debertax.metric_writer import read_jsonl
 
 PANELS = (("mlm_loss", "generator MLM loss"), ("rtd_loss", "discriminator RTD loss"),
@@ -20,12 +22,12 @@ def plot(paths: list[str], output: str, labels: list[str] | None = None) -> str:
   matplotlib.use("Agg")  # No display on servers.
   import matplotlib.pyplot as plt
 
-  labels = labels or [os.path.basename(os.path.dirname(os.path.abspath(p))) or p for p in paths]
+  labels = labels or [os.path.basename(storage.dirname(storage.absolute(p))) or p for p in paths]
   if len(labels) != len(paths):
     raise ValueError(f"{len(labels)} labels for {len(paths)} metrics files")
   fig, axes = plt.subplots(1, len(PANELS), figsize=(5 * len(PANELS), 4))
   for path, label in zip(paths, labels):
-    if not os.path.exists(path):
+    if not storage.exists(path):
       raise FileNotFoundError(f"{path}: no such metrics file")
     records = read_jsonl(path)
     for ax, (key, title) in zip(axes, PANELS):
@@ -40,7 +42,10 @@ def plot(paths: list[str], output: str, labels: list[str] | None = None) -> str:
     if ax.lines:
       ax.legend(fontsize=7)
   fig.tight_layout()
-  fig.savefig(output, dpi=100)
+  image = io.BytesIO()
+  fig.savefig(image, dpi=100, format=os.path.splitext(output)[1][1:] or "png")
+  plt.close(fig)
+  storage.write_atomic(output, image.getvalue())
   return output
 
 

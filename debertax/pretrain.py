@@ -9,7 +9,6 @@ Everything lands in the workdir:
 
 from __future__ import annotations
 
-import os
 import signal
 import time
 
@@ -19,7 +18,7 @@ import numpy as np
 from absl import logging
 
 from debertax import checkpoint as checkpoint_lib
-from debertax import convert, eval_metrics, flops, rtd
+from debertax import convert, eval_metrics, flops, rtd, storage
 from debertax.data import DataConfig, EmptySplitError, PretrainingIterator, source_lines
 from debertax.metric_writer import MetricWriter
 from debertax.tokenizer import Tokenizer, train_sentencepiece
@@ -38,14 +37,10 @@ def materialise_default_corpus(config, workdir: str):
   """
   if config.data.source != "default":
     return config
-  path = os.path.join(workdir, "default_corpus.txt")
-  if jax.process_index() == 0 and not os.path.exists(path):
+  path = storage.join(workdir, "default_corpus.txt")
+  if jax.process_index() == 0 and not storage.exists(path):
     from debertax.corpus import default_corpus_lines
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-      for line in default_corpus_lines():
-        f.write(line.replace("\n", " ") + "\n")
-    os.replace(tmp, path)
+    storage.write_atomic(path, "".join(line.replace("\n", " ") + "\n" for line in default_corpus_lines()))
   _sync("default_corpus")
   config = ml_collections.ConfigDict(config.to_dict())
   config.data.source = path
@@ -56,8 +51,8 @@ def prepare_vocab(config, workdir: str) -> Tokenizer:
   """Loads config.data.vocab, or trains a SentencePiece model on the training source into the workdir."""
   if config.data.vocab:
     return Tokenizer.load(config.data.vocab)
-  path = os.path.join(workdir, "spm.model")
-  if os.path.exists(path):
+  path = storage.join(workdir, "spm.model")
+  if storage.exists(path):
     return Tokenizer.load(path)
   if config.data.train_vocab_size <= 0:
     raise ValueError("config.data.vocab is empty and config.data.train_vocab_size is 0: give a spm.model "
@@ -150,12 +145,12 @@ def initial_params_from(config, trainer: Trainer):
 
 
 def export(trainer: Trainer, state, workdir: str, spm_path: str | None, tag: str = "") -> str:
-  out = os.path.join(workdir, "export" + (f"_{tag}" if tag else ""))
+  out = storage.join(workdir, "export" + (f"_{tag}" if tag else ""))
   gen, disc = trainer.export_params(state)
   if jax.process_index() == 0:
-    convert.write_hf_directory(disc, trainer.disc_config, os.path.join(out, "discriminator"), head="rtd",
+    convert.write_hf_directory(disc, trainer.disc_config, storage.join(out, "discriminator"), head="rtd",
                                spm_model=spm_path)
-    convert.write_hf_directory(gen, trainer.gen_config, os.path.join(out, "generator"), head="mlm",
+    convert.write_hf_directory(gen, trainer.gen_config, storage.join(out, "generator"), head="mlm",
                                use_emd=True, spm_model=spm_path)
     logging.info("Exported Hugging Face directories to %s/{discriminator,generator}", out)
   return out
@@ -197,19 +192,18 @@ def run(config, workdir: str, mode: str = "train") -> dict:
 
   Returns {"train": {step: metrics}, "eval": {step: metrics}} for the logged steps of this invocation.
   """
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
+  workdir = storage.absolute(workdir)
+  storage.makedirs(workdir)
   primary = jax.process_index() == 0
   config = materialise_default_corpus(config, workdir)
   tokenizer = prepare_vocab(config, workdir)
-  spm_path = config.data.vocab and _spm_file(config.data.vocab) or os.path.join(workdir, "spm.model")
+  spm_path = config.data.vocab and _spm_file(config.data.vocab) or storage.join(workdir, "spm.model")
   config = resolve_config(config, tokenizer)
   if primary:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+    storage.write_atomic(storage.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
 
   trainer = Trainer(config)
-  ckpt = checkpoint_lib.TrainCheckpointer(os.path.join(workdir, "checkpoints"), config.train.checkpoint_every,
+  ckpt = checkpoint_lib.TrainCheckpointer(storage.join(workdir, "checkpoints"), config.train.checkpoint_every,
                                           config.train.keep_checkpoints)
   iterator = PretrainingIterator(data_config(config, tokenizer), tokenizer)
   latest = ckpt.latest_step()
@@ -299,4 +293,4 @@ def run(config, workdir: str, mode: str = "train") -> dict:
 
 
 def _spm_file(path: str) -> str:
-  return os.path.join(path, "spm.model") if os.path.isdir(path) else path
+  return storage.join(path, "spm.model") if storage.isdir(path) else path

@@ -42,9 +42,12 @@ import codecs
 import dataclasses
 import logging
 import math
+import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
+
+from debertax import storage
 
 logger = logging.getLogger(__name__)
 
@@ -464,10 +467,10 @@ def _checked_text(value: str, field: str) -> str:
 # TSV readers
 
 
-def _decoded_lines(path: Path) -> Iterator[tuple[int, str | None]]:
+def _decoded_lines(path: str) -> Iterator[tuple[int, str | None]]:
     """(line number, text) per line, text None when the bytes are not UTF-8. Binary reading so that
     only LF ends a line: U+2028 and friends inside a sentence must not split it."""
-    with open(path, "rb") as handle:
+    with storage.open_file(path, "rb") as handle:
         for line_number, raw in enumerate(handle, start=1):
             if raw.endswith(b"\n"):
                 raw = raw[:-1]
@@ -484,8 +487,8 @@ def _decoded_lines(path: Path) -> Iterator[tuple[int, str | None]]:
 def read_tsv(task: str | TaskSpec, path: str | Path, *, on_bad_row: BadRowPolicy = "error") -> ReadResult:
     """Read one TSV file of `task` in the original GLUE (or per-language XNLI) format."""
     spec = get_task(task)
-    path = Path(path)
-    bad_rows = _BadRows(on_bad_row, str(path))
+    path = os.fspath(path)
+    bad_rows = _BadRows(on_bad_row, path)
     lines = _decoded_lines(path)
     first = next(lines, None)
     if first is None:
@@ -536,7 +539,7 @@ def read_tsv(task: str | TaskSpec, path: str | Path, *, on_bad_row: BadRowPolicy
             continue
         examples.append(
             Example(
-                guid=f"{path.name}:{line_number}",
+                guid=f"{os.path.basename(path)}:{line_number}",
                 text_a=texts[0],
                 text_b=texts[1] if len(texts) == 2 else None,
                 label=label,
@@ -559,8 +562,8 @@ def read_glue_split(
     spec = get_task(task)
     if spec.name not in GLUE_TASK_NAMES:
         raise ValueError(f"read_glue_split reads GLUE tasks only, got {spec.name!r}")
-    path = Path(glue_dir) / spec.data_dir_name / spec.file_name(split)
-    if not path.is_file():
+    path = storage.join(glue_dir, spec.data_dir_name, spec.file_name(split))
+    if not storage.isfile(path):
         raise FileNotFoundError(f"{path}: no {spec.display_name} {split} file")
     return read_tsv(spec, path, on_bad_row=on_bad_row)
 
@@ -576,8 +579,8 @@ def read_xnli_split(
     spec = TASKS["xnli"]
     results = {}
     for language in languages:
-        path = Path(xnli_dir) / spec.file_name(split, language)
-        if not path.is_file():
+        path = storage.join(xnli_dir, spec.file_name(split, language))
+        if not storage.isfile(path):
             raise FileNotFoundError(f"{path}: no XNLI {split} file for language {language!r}")
         results[language] = read_tsv(spec, path, on_bad_row=on_bad_row)
     return results
@@ -753,7 +756,7 @@ def write_glue_submission(
     indices: Sequence[int],
     predictions: Sequence[int] | Sequence[float],
     output_dir: str | Path,
-) -> Path:
+) -> str:
     """Write `<output_dir>/<GLUE file>` with a header and rows `index<TAB>prediction`.
 
     Classification predictions are label ids, written as the task's TSV label strings ("0"/"1",
@@ -778,9 +781,9 @@ def write_glue_submission(
                     f"is not a label id of {spec.name!r}"
                 )
             rows.append(f"{int(index)}\t{spec.tsv_labels[label_id]}")
-    output_path = Path(output_dir) / file_name
-    output_path.parent.mkdir(parents=True, exist_ok=True)
-    output_path.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    output_path = storage.join(output_dir, file_name)
+    storage.makedirs(storage.dirname(output_path))
+    storage.write_atomic(output_path, "\n".join(rows) + "\n")
     return output_path
 
 

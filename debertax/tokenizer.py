@@ -29,6 +29,7 @@ for the released 128k vocabulary).
 
 from __future__ import annotations
 
+import io
 import itertools
 import os
 import re
@@ -39,6 +40,8 @@ import numpy as np
 import sentencepiece
 from google.protobuf.message import DecodeError
 from sentencepiece import sentencepiece_model_pb2
+
+from debertax import storage
 
 SPM_MODEL_FILENAME = "spm.model"
 
@@ -78,8 +81,8 @@ def normalize_text(text: str) -> str:
 def resolve_spm_path(path: str | os.PathLike) -> str:
     """Return the spm.model file for `path` (the file itself, or a directory holding spm.model)."""
     path = os.fspath(path)
-    model_path = os.path.join(path, SPM_MODEL_FILENAME) if os.path.isdir(path) else path
-    if not os.path.isfile(model_path):
+    model_path = storage.join(path, SPM_MODEL_FILENAME) if storage.isdir(path) else path
+    if not storage.isfile(model_path):
         raise FileNotFoundError(
             f"SentencePiece model not found: {model_path} (text input needs {SPM_MODEL_FILENAME}; "
             f"train one with `python -m debertax.train_vocab`)"
@@ -170,8 +173,7 @@ class Tokenizer:
     def load(cls, path: str | os.PathLike) -> "Tokenizer":
         """Load `path` (an spm.model file or a directory containing spm.model)."""
         model_path = resolve_spm_path(path)
-        with open(model_path, "rb") as model_file:
-            return cls(model_file.read(), source=model_path)
+        return cls(storage.read_bytes(model_path), source=model_path)
 
     # ----------------------------------------------------------------------------- special ids
     @property
@@ -417,16 +419,16 @@ def train_sentencepiece(
     if vocab_size < 8:
         raise ValueError(f"vocab_size must be at least 8 (4 special pieces + text), got {vocab_size}")
     output_dir = os.fspath(output_dir)
-    os.makedirs(output_dir, exist_ok=True)
+    storage.makedirs(output_dir)
     sentences = _training_sentences(text_iterator, _TRAINER_MAX_SENTENCE_BYTES)
     try:
         first = next(sentences)
     except StopIteration:
         raise ValueError("train_sentencepiece: the text iterator yielded no text") from None
-    model_prefix = os.path.join(output_dir, "spm")
+    model = io.BytesIO()  # Trained in memory, then written once: the output_dir may be a bucket.
     sentencepiece.SentencePieceTrainer.train(
         sentence_iterator=itertools.chain([first], sentences),
-        model_prefix=model_prefix,
+        model_writer=model,
         model_type="unigram",
         vocab_size=vocab_size,
         pad_id=0,
@@ -448,5 +450,6 @@ def train_sentencepiece(
         num_threads=num_threads or min(os.cpu_count() or 1, 16),
         minloglevel=0 if verbose else 2,
     )
-    os.remove(model_prefix + ".vocab")  # a readable listing of the pieces; nothing reads it
-    return model_prefix + ".model"
+    model_path = storage.join(output_dir, SPM_MODEL_FILENAME)
+    storage.write_atomic(model_path, model.getvalue())
+    return model_path

@@ -2,7 +2,7 @@
 
     python launch/tpu_pod.py --tpu=debertax-large --zone=us-west4-a \\
         --accelerator_type=v5litepod-64 --runtime_version=v2-alpha-tpuv5-lite --devices=64 --hbm_gib=16 \\
-        --config=configs/deberta_v3_large.py --workdir=/mnt/shared/debertax/large \\
+        --config=configs/deberta_v3_large.py --workdir=gs://my-bucket/debertax/large \\
         [--project=P] [--skip_create] [--dry_run] \\
         -- --config.model.dtype=bfloat16 --config.model.remat=True --config.train.microbatches=16
 
@@ -16,8 +16,10 @@ Runs, in order (each printed before it runs; --dry_run only prints them):
      ~/debertax-train.log (jax.distributed finds the slice from the TPU VM metadata server)
 Everything after `--` is passed to both the plan and the run (config overrides).
 
---workdir must be a directory every worker sees at the same path (an NFS / Filestore mount, or a
-gcsfuse mount of a bucket): checkpoints are written by all workers together, metrics by worker 0.
+--workdir must be a place every worker sees: on a multi-host slice (accelerator types whose number is above
+8, e.g. v4-16, v5litepod-16) the hosts share nothing but Cloud Storage, so a local path is refused and the
+workdir is a gs:// URL (checkpoints are written by all workers together, metrics and exports by worker 0).
+A single-host slice may use a local directory.
 --devices is the slice's JAX device count: chips for v5e/v5p/v6e (v5litepod-64: 64), chips for v4 too
 (v4-64 is 32 chips; its name counts TensorCores). GLIBC_TUNABLES is not needed on TPU VMs.
 Only the Python standard library is used here; gcloud must be installed and authenticated.
@@ -64,7 +66,18 @@ def parse_args(argv):
     parser.error(f"--devices={args.devices}: give the slice's device count")
   if not os.path.isfile(os.path.join(REPO, args.config)):
     parser.error(f"--config={args.config}: no such file under {REPO}")
+  if is_multi_host(args.accelerator_type) and not args.workdir.startswith("gs://"):
+    parser.error(f"--workdir={args.workdir}: a {args.accelerator_type} slice has several hosts that share only "
+                 f"Cloud Storage; give --workdir=gs://BUCKET/PATH")
   return args, overrides
+
+
+def is_multi_host(accelerator_type: str) -> bool:
+  """v4-16, v5p-16 (TensorCores) and v5litepod-16, v6e-16 (chips) all span several hosts; -8 and below fit one."""
+  try:
+    return int(accelerator_type.rsplit("-", 1)[1]) > 8
+  except (IndexError, ValueError):
+    raise ValueError(f"--accelerator_type={accelerator_type}: expected a name such as v5litepod-64 or v4-32") from None
 
 
 def commands(args, overrides) -> list[list[str]]:

@@ -15,7 +15,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TPU_ARGS = ["--tpu=dbx-large", "--zone=us-west4-a", "--accelerator_type=v5litepod-64",
             "--runtime_version=v2-alpha-tpuv5-lite", "--devices=64", "--hbm_gib=16",
-            "--config=configs/deberta_v3_large.py", "--workdir=/mnt/shared/large"]
+            "--config=configs/deberta_v3_large.py", "--workdir=gs://dbx-bucket/runs/large"]
 OVERRIDES = ["--config.model.dtype=bfloat16", "--config.train.microbatches=16",
              "--config.data.source=/data/my corpus/*.txt"]  # A space and a glob must survive the quoting.
 
@@ -82,7 +82,7 @@ def test_tpu_dry_run_creates_installs_plans_then_trains_on_all_workers():
   train_argv = shlex.split(remote.split("&&")[-1])
   main_at = train_argv.index("debertax.main")
   assert train_argv[main_at - 2:main_at] == [".venv/bin/python", "-m"]
-  assert {"--config=configs/deberta_v3_large.py", "--workdir=/mnt/shared/large", "--distributed=on"} <= set(train_argv)
+  assert {"--config=configs/deberta_v3_large.py", "--workdir=gs://dbx-bucket/runs/large", "--distributed=on"} <= set(train_argv)
   assert set(OVERRIDES) <= set(train_argv)
   assert "GLIBC_TUNABLES" not in result.stdout
 
@@ -123,6 +123,22 @@ def test_tpu_launch_stops_when_the_plan_does_not_fit(tmp_path):
 def test_tpu_launch_requires_its_arguments(missing):
   result = _tpu([a for a in TPU_ARGS if not a.startswith(missing + "=")] + ["--dry_run"])
   assert result.returncode == 2 and missing.lstrip("-") in result.stderr
+
+
+@pytest.mark.parametrize("accelerator,workdir,refused", [
+    ("v5litepod-64", "/mnt/shared/large", True), ("v4-16", "runs/large", True),  # Several hosts.
+    ("v5litepod-8", "/home/me/large", False), ("v4-8", "/home/me/large", False),  # One host.
+    ("v4-16", "gs://dbx-bucket/runs/large", False)])
+def test_tpu_launch_refuses_a_local_workdir_on_a_multi_host_slice(accelerator, workdir, refused):
+  args = [a for a in TPU_ARGS if not a.startswith(("--accelerator_type=", "--workdir="))]
+  result = _tpu(args + [f"--accelerator_type={accelerator}", f"--workdir={workdir}", "--dry_run"])
+  if refused:
+    assert result.returncode == 2
+    assert f"--workdir={workdir}: a {accelerator} slice has several hosts" in result.stderr
+    assert "gs://BUCKET/PATH" in result.stderr and not result.stdout
+  else:
+    assert result.returncode == 0, result.stderr
+    assert f"--workdir={workdir}" in result.stdout
 
 
 # SLURM ----------------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ submission files and fine-tuning defaults."""
 import codecs
 import dataclasses
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -762,12 +763,12 @@ def test_task_specs():
 
 def test_write_glue_submission(tmp_path):
     path = tasks.write_glue_submission("mnli", "test_mismatched", [0, 1, 2], [0, 2, 1], tmp_path)
-    assert path.name == "MNLI-mm.tsv"
-    assert path.read_text() == "index\tprediction\n0\tcontradiction\n1\tentailment\n2\tneutral\n"
+    assert path == str(tmp_path / "MNLI-mm.tsv")
+    assert Path(path).read_text() == "index\tprediction\n0\tcontradiction\n1\tentailment\n2\tneutral\n"
     cola = tasks.write_glue_submission("cola", "test", [0, 1], np.array([1, 0]), tmp_path)
-    assert cola.read_text() == "index\tprediction\n0\t1\n1\t0\n"
+    assert Path(cola).read_text() == "index\tprediction\n0\t1\n1\t0\n"
     stsb = tasks.write_glue_submission("stsb", "test", [0, 1], [4.12345, 0.5], tmp_path)
-    assert stsb.read_text() == "index\tprediction\n0\t4.123\n1\t0.500\n"
+    assert Path(stsb).read_text() == "index\tprediction\n0\t4.123\n1\t0.500\n"
     with pytest.raises(ValueError, match="not a label id"):
         tasks.write_glue_submission("rte", "test", [0], [2], tmp_path)
     with pytest.raises(ValueError, match="2 indices but 1 predictions"):

@@ -1,0 +1,126 @@
+"""Runs that keep everything in a bucket, as on a TPU VM slice: gs:// workdirs, corpora, data and models.
+
+The bucket is served by a GCS emulator on 127.0.0.1 (tests/gcs_emulator.py): gcsfs, etils.epath and Orbax's
+tensorstore all speak the real GCS protocol to it, with no credentials and no network.
+"""
+
+import functools
+import json
+import os
+import uuid
+
+import jax
+import numpy as np
+import pytest
+
+import gcs_emulator
+from debertax import api, finetune, heads, pretrain, storage
+from debertax.corpus import default_corpus_lines
+from debertax.metric_writer import read_jsonl
+from debertax.tokenizer import Tokenizer
+from test_finetune import TRAIN, _config, _tiny_model, write_sst2
+from test_pretrain import _losses, small_config
+
+BUCKET = "debertax-test"
+
+
+@pytest.fixture(scope="module")
+def bucket():
+  with gcs_emulator.running(buckets=(BUCKET,)):
+    yield f"gs://{BUCKET}"
+
+
+@pytest.fixture
+def prefix(bucket):
+  return f"{bucket}/{uuid.uuid4().hex[:8]}"
+
+
+@functools.lru_cache(maxsize=1)
+def _corpus_lines() -> tuple[str, ...]:
+  # Harvested once: what the standard library's modules expose can change as the process imports more.
+  return tuple(default_corpus_lines())
+
+
+def _corpus_files(directory_of_files: str) -> str:
+  """The embedded corpus as two files under `directory_of_files` (local or gs://); returns a glob of them."""
+  lines = _corpus_lines()
+  half = len(lines) // 2
+  for index, part in enumerate((lines[:half], lines[half:])):
+    storage.write_atomic(storage.join(directory_of_files, f"part-{index}.txt"),
+                         "".join(line.replace("\n", " ") + "\n" for line in part))
+  return storage.join(directory_of_files, "*.txt")
+
+
+def _bucket_config(corpus: str, **train):
+  config = small_config("", **train)
+  config.data.source = corpus
+  config.data.vocab = ""  # Trained into the workdir, and read back from there when the run resumes.
+  config.data.train_vocab_size = 300
+  return config
+
+
+def test_pretraining_in_a_bucket_resumes_exactly_and_exports(bucket, prefix, tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)  # Where a path-unaware open("gs://...") would create a folder "gs:".
+  corpus = _corpus_files(f"{prefix}/corpus")
+  workdir = f"{prefix}/run"
+  first = pretrain.run(_bucket_config(corpus, max_steps_per_run=3), workdir)
+  second = pretrain.run(_bucket_config(corpus), workdir)
+  assert sorted(first["train"]) == [1, 2, 3] and sorted(second["train"]) == [4, 5, 6]
+  # The reference: one uninterrupted local run on local copies of the files, with the vocabulary that the
+  # bucket run trained into its workdir (read from there).
+  reference = _bucket_config(_corpus_files(str(tmp_path / "corpus")))
+  reference.data.vocab = f"{workdir}/spm.model"
+  local = pretrain.run(reference, str(tmp_path / "local"))
+  # The same batches, read from the bucket by byte ranges and resumed from a checkpoint in the bucket.
+  np.testing.assert_array_equal(_losses(first, [1, 2, 3]), _losses(local, [1, 2, 3]))
+  np.testing.assert_array_equal(_losses(second, [4, 5, 6]), _losses(local, [4, 5, 6]))
+  assert not os.path.exists(tmp_path / "gs:")
+
+  saved = storage.listdir(f"{workdir}/checkpoints")
+  assert {"2", "3", "4", "6"} <= set(saved), saved  # Every 2 steps, and where the first invocation stopped.
+  assert [r["step"] for r in read_jsonl(f"{workdir}/metrics.jsonl") if r["split"] == "train"] == [1, 2, 3, 4, 5, 6]
+  assert len(storage.glob(f"{workdir}/tensorboard/events.out.tfevents.*")) == 2  # One per invocation.
+  assert json.loads(storage.read_text(f"{workdir}/config.json"))["data"]["source"] == corpus
+  assert Tokenizer.load(f"{workdir}/spm.model").vocab_size == 301  # 300 pieces + [MASK].
+  exported = api.from_pretrained(f"{workdir}/export/discriminator")
+  reference = api.from_pretrained(str(tmp_path / "local" / "export" / "discriminator"))
+  assert exported.tokenizer is not None and exported.head == "rtd"
+  jax.tree_util.tree_map(np.testing.assert_array_equal, exported.params, reference.params)
+
+
+def test_glue_fine_tuning_in_a_bucket(bucket, prefix, tmp_path):
+  write_sst2(str(tmp_path / "glue"), 64, n_dev=32)
+  for split in ("train", "dev"):
+    storage.copy_file(str(tmp_path / "glue" / "SST-2" / f"{split}.tsv"), f"{prefix}/glue/SST-2/{split}.tsv")
+  sentences = [line.split("\t")[0] for line in storage.read_text(f"{prefix}/glue/SST-2/train.tsv").splitlines()[1:]]
+  from debertax.tokenizer import train_sentencepiece
+  spm = train_sentencepiece(sentences, f"{prefix}/vocab", 32)
+  tokenizer = Tokenizer.load(spm)
+  config = _tiny_model(tokenizer.vocab_size)
+  params = heads.init_params(heads.build_model(config, "rtd"), jax.random.PRNGKey(0))
+  model_dir = api.save_pretrained(api.PretrainedDeberta(config, params, "rtd", False, tokenizer, spm),
+                                  f"{prefix}/pretrained", "orbax")
+  assert storage.exists(f"{prefix}/pretrained/debertax.json") and storage.exists(f"{prefix}/pretrained/spm.model")
+  hf_dir = api.save_pretrained(api.from_pretrained(model_dir), f"{prefix}/hf", "hf")  # Hugging Face format.
+  assert storage.listdir(hf_dir) == ["config.json", "model.safetensors", "spm.model"]
+  jax.tree_util.tree_map(np.testing.assert_array_equal, api.from_pretrained(hf_dir).params, params)
+
+  run = _config("sst2", {"glue": f"{prefix}/glue"}, model_dir, **{"train.epochs": 2})
+  results = finetune.run(run, f"{prefix}/ft")
+  assert json.loads(storage.read_text(f"{prefix}/ft/results.json"))["glue_results"] == results["glue_results"]
+  best = api.from_pretrained(f"{prefix}/ft/best_model")
+  assert best.head == "cls" and best.config.num_labels == 2
+  assert storage.exists(f"{prefix}/ft/predictions/dev/SST-2.tsv")
+  assert not storage.exists(f"{prefix}/ft/best_model.new") and not storage.exists(f"{prefix}/ft/best_model.old")
+  # Run again: the finished run is found in the bucket and only re-evaluated.
+  again = finetune.run(run, f"{prefix}/ft")
+  assert again["glue_results"] == results["glue_results"]
+
+
+def test_missing_objects_are_named_by_url(bucket, prefix):
+  with pytest.raises(FileNotFoundError, match=f"data source glob '{prefix}/nothing/\\*.txt' matched no files"):
+    pretrain.run(_bucket_config(f"{prefix}/nothing/*.txt"), f"{prefix}/run")
+  with pytest.raises(FileNotFoundError, match=f"{prefix}/no-model: not a directory"):
+    api.from_pretrained(f"{prefix}/no-model")
+  with pytest.raises(FileNotFoundError, match=f"{prefix}/vocab/spm.model"):
+    Tokenizer.load(f"{prefix}/vocab/spm.model")
