@@ -1,7 +1,7 @@
 """Does pretraining help downstream? Pretrain configs/tiny.py on real English text, fine-tune on GLUE, compare.
 
     .venv/bin/python benchmarks/pretrain_then_finetune.py [--workdir=/tmp/pretrain_then_finetune]
-        [--pretrain_steps=1500] [--finetune_epochs=3] [--tasks=rte,mrpc,stsb,cola,sst2]
+        [--pretrain_steps=3000] [--finetune_epochs=3] [--tasks=rte,mrpc,stsb,cola,sst2]
 
     .venv/bin/python benchmarks/pretrain_then_finetune.py --study=sharing --modes=gdes,es,nes --seeds=0,1 \\
         [--parts=pretrain,finetune,baselines] [--report_only]
@@ -35,7 +35,7 @@ persist between them; part A's workdir can be reused: its gdes_s0 run and baseli
 Vocabulary: --vocab_size=4000 rather than configs/tiny.py's 2000. Measured on this corpus, the GLUE dev texts take
 2.07 tokens per word with 2000 pieces, 1.80 with 4000 and 1.59 with 8000; 4000 shortens sequences by 13% (a
 quarter of the RTE pairs still exceed 128 tokens) while keeping the embedding table (0.5M of the ~2.3M parameters)
-small enough to be trained by a 1500-step run.
+small enough to be trained by a 3000-step run.
 
 Resuming: a stage that finished wrote <its directory>/ptf_stage.json and is skipped the next time; a killed stage
 is rerun with the same command, and the pretraining and fine-tuning jobs resume from their own checkpoints. A
@@ -939,7 +939,7 @@ def parse_args(argv=None):
                       help="stages to run: pretrain (with corpus and vocabulary), finetune (of the pretrained runs "
                       "in --modes x --seeds), baselines (majority class and random-init fine-tuning)")
   parser.add_argument("--report_only", action="store_true", help="run nothing: rebuild the report from the workdir")
-  parser.add_argument("--pretrain_steps", type=int, default=1500)
+  parser.add_argument("--pretrain_steps", type=int, default=3000)
   parser.add_argument("--pretrain_set", action="append", default=[], metavar="KEY=VALUE",
                       help="extra configs/tiny.py override, e.g. train.eval_every=50 (repeatable)")
   parser.add_argument("--vocab_size", type=int, default=4000,
