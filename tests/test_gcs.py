@@ -82,6 +82,13 @@ def test_pretraining_in_a_bucket_resumes_exactly_and_exports(bucket, prefix, tmp
   assert len(storage.glob(f"{workdir}/tensorboard/events.out.tfevents.*")) == 2  # One per invocation.
   assert json.loads(storage.read_text(f"{workdir}/config.json"))["data"]["source"] == corpus
   assert Tokenizer.load(f"{workdir}/spm.model").vocab_size == 301  # 300 pieces + [MASK].
+  # A save of step 8 that died half-way: some of its objects in the bucket, no commit marker. The next run
+  # resumes from the last committed checkpoint (6) and writes step 8 again.
+  for name in ("_CHECKPOINT_METADATA", "state/_METADATA"):
+    storage.write_atomic(f"{workdir}/checkpoints/8/{name}", "{truncated")
+  third = pretrain.run(_bucket_config(corpus, steps=8, export_at_end=False), workdir)
+  assert sorted(third["train"]) == [7, 8]
+  assert storage.exists(f"{workdir}/checkpoints/8/commit_success.txt")
   exported = api.from_pretrained(f"{workdir}/export/discriminator")
   reference = api.from_pretrained(str(tmp_path / "local" / "export" / "discriminator"))
   assert exported.tokenizer is not None and exported.head == "rtd"
