@@ -388,7 +388,6 @@ def main(argv=None) -> int:
   except (FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
-  storage.makedirs(storage.dirname(storage.absolute(args.output)))
   if records is None:
     buffer = io.BytesIO()
     np.save(buffer, embeddings)

@@ -106,8 +106,7 @@ def open_file(path: str, mode: str = "r", encoding: str | None = None) -> IO:
     handle = io.BufferedReader(handle, buffer_size=_READ_BUFFER_BYTES)
   if "b" in mode:
     return handle
-  return io.TextIOWrapper(handle, encoding="utf-8-sig" if encoding == "utf-8-sig" else "utf-8",
-                          newline=None if "r" in mode else "")
+  return io.TextIOWrapper(handle, encoding=encoding or "utf-8", newline=None if "r" in mode else "")
 
 
 def read_bytes(path: str) -> bytes:
@@ -221,8 +220,7 @@ class AppendingFile:
       return
     self._buffer.write(data if self.binary else data.encode("utf-8"))
     self._dirty = True
-    if time.monotonic() - self._uploaded_at >= self.flush_secs:
-      self._upload()
+    self.flush()
 
   def flush(self) -> None:
     if self._local is not None:

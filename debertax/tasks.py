@@ -782,7 +782,6 @@ def write_glue_submission(
                 )
             rows.append(f"{int(index)}\t{spec.tsv_labels[label_id]}")
     output_path = storage.join(output_dir, file_name)
-    storage.makedirs(storage.dirname(output_path))
     storage.write_atomic(output_path, "\n".join(rows) + "\n")
     return output_path
 
