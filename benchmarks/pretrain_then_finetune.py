@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/pretrain_then_finetune.py [--workdir=/tmp/pretrain_then_finetune]
         [--pretrain_steps=3000] [--finetune_epochs=3] [--tasks=rte,mrpc,stsb,cola,sst2]
 
-    .venv/bin/python benchmarks/pretrain_then_finetune.py --study=sharing --modes=gdes,es,nes --seeds=0,1 \\
+    .venv/bin/python benchmarks/pretrain_then_finetune.py --study=sharing --modes=gdes,es,nes,mlm --seeds=0,1 \\
         [--parts=pretrain,finetune,baselines] [--report_only]
 
 Part A (default). Stages, each an ordinary command line (printed before it runs, its log kept in the workdir):
@@ -24,7 +24,9 @@ The table (task, metric, majority, random init, pretrained, average) and the com
 <workdir>/REPORT.md.
 
 Part B (--study=sharing): the same pretraining with config.rtd.embedding_sharing in --modes and config.seed in
---seeds, each fine-tuned as in part A, reported per run (held-out RTD AUC, MLM accuracy and loss, the average
+--seeds (mode `mlm`: the paper's baseline, `config.objective=mlm`, plain MLM pretraining of one model of the
+discriminator's shape with the Enhanced Mask Decoder, fine-tuned from <run>/export/mlm), each fine-tuned as in
+part A, reported per run (held-out RTD AUC, MLM accuracy and loss, the average
 pairwise cosine similarity of E_G and of the discriminator's effective embedding E_D, downstream dev scores) and
 as mean +- sample standard deviation over seeds, next to the paper's Table 1 cosines; the eval curves go to
 <workdir>/sharing_curves.png and the report to <workdir>/REPORT_sharing.md. `--modes/--seeds` pick a subset of
@@ -64,7 +66,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 TASKS = ("rte", "mrpc", "stsb", "cola", "sst2")
-MODES = ("gdes", "es", "nes")
+MODES = ("gdes", "es", "nes", "mlm")  # mlm: config.objective=mlm, the others config.rtd.embedding_sharing.
+
+
+def exported_model(mode: str) -> str:
+  """The export/<name> directory that a pretraining run of `mode` hands to fine-tuning."""
+  return "mlm" if mode == "mlm" else "discriminator"
+
+
+def fine_tuned_cosine(record: Mapping) -> float | None:
+  """The average pairwise cosine of the fine-tuned model's word embedding: E_D (RTD), or the MLM model's E."""
+  return record.get("cosine_E_D", record.get("cosine_E"))
 # DeBERTaV3 paper, Table 1: average pairwise cosine similarity of the word embeddings (E_G, E_D).
 PAPER_COSINE = {"es": (0.02, 0.02), "nes": (0.45, 0.02), "gdes": (0.45, 0.29)}
 STAGE_FILE = "ptf_stage.json"
@@ -504,7 +516,8 @@ class Benchmark:
     run = f"{mode}_s{seed}"
     command = [self.python, "-m", "debertax.main", "--config=configs/tiny.py", f"--workdir={self.pretrain_dir(run)}",
                config_flag("data.source", self.corpus), config_flag("data.vocab", self.spm),
-               config_flag("train.steps", self.args.pretrain_steps), config_flag("rtd.embedding_sharing", mode),
+               config_flag("train.steps", self.args.pretrain_steps),
+               config_flag("objective", "mlm") if mode == "mlm" else config_flag("rtd.embedding_sharing", mode),
                config_flag("seed", seed)]
     return command + [config_flag(*s.split("=", 1)) for s in self.args.pretrain_set]
 
@@ -521,7 +534,7 @@ class Benchmark:
       resumed = os.path.isdir(os.path.join(directory, "checkpoints"))
       run_command(f"pretrain {run}", command, os.path.join(directory, "pretrain.log"),
                   progress=lambda: (last_step(metrics), self.args.pretrain_steps), poll_s=self.args.poll_s)
-      export = os.path.join(directory, "export", "discriminator")
+      export = os.path.join(directory, "export", exported_model(mode))
       if not os.path.isdir(export):
         raise SystemExit(f"[pretrain {run}] finished without {export}; see {directory}/pretrain.log")
       with open(os.path.join(directory, "config.json")) as f:
@@ -541,10 +554,10 @@ class Benchmark:
       return
     with open(path) as f:
       config = json.load(f)
-    asked = {"train.steps": self.args.pretrain_steps, "rtd.embedding_sharing": mode, "seed": seed,
-             "data.source": self.corpus}
-    found = {"train.steps": config["train"]["steps"], "rtd.embedding_sharing": config["rtd"]["embedding_sharing"],
-             "seed": config["seed"], "data.source": config["data"]["source"]}
+    asked = {"train.steps": self.args.pretrain_steps, "mode": mode, "seed": seed, "data.source": self.corpus}
+    found_mode = "mlm" if config.get("objective") == "mlm" else config["rtd"]["embedding_sharing"]
+    found = {"train.steps": config["train"]["steps"], "mode": found_mode, "seed": config["seed"],
+             "data.source": config["data"]["source"]}
     if asked != found:
       raise StageMismatch(f"{directory}: a run with {found} was started here; this one asks {asked}: use another "
                           "--workdir")
@@ -581,7 +594,8 @@ class Benchmark:
       command += [config_flag("allow_random_init", True), config_flag("vocab", self.spm)]
       command += [config_flag(f"model.{k}", v) for k, v in self.random_init().items()]
     else:
-      command.append(config_flag("init_from", os.path.join(self.pretrain_dir(init), "export", "discriminator")))
+      model = exported_model(tuple_run(init)[0])
+      command.append(config_flag("init_from", os.path.join(self.pretrain_dir(init), "export", model)))
     return command + [config_flag(*s.split("=", 1)) for s in self.args.finetune_set]
 
   def finetune_stage(self, init: str, task: str) -> dict:
@@ -710,7 +724,7 @@ class Benchmark:
       wall = format_seconds(record["wall_s"]) + (f" ({attempts} attempts)" if attempts > 1 else "")
       rows.append([f"{mode}_s{seed}", str(record["params"]["steps"]), wall,
                    f"{rate:.2f}" if rate else "-", fmt("rtd_auc"), fmt("mlm_accuracy"), fmt("mlm_loss"),
-                   fmt("cosine_E_G"), fmt("cosine_E_D")])
+                   fmt("cosine_E_G"), fmt("cosine_E_D" if "cosine_E_D" in ev else "cosine_E")])
     return rows
 
   def settings_section(self, inits: Sequence[str]) -> list[str]:
@@ -816,7 +830,7 @@ class Benchmark:
 
   def report_sharing(self, command_line: str) -> tuple[str, str | None]:
     runs = self.finished_runs()
-    out = self.header("Embedding sharing study: GDES vs ES vs NES", command_line)
+    out = self.header("Embedding sharing study: GDES vs ES vs NES (vs plain MLM)", command_line)
     if not runs:
       return "\n".join(out + ["No finished pretraining run in this workdir yet."]), None
     per_run = {f"{m}_s{s}": self.results(f"{m}_s{s}") for m, s in runs}
@@ -829,8 +843,9 @@ class Benchmark:
     out += ["## Per run", "",
             "Held-out RTD AUC, MLM accuracy/loss and the average pairwise cosine similarity of the generator's "
             "embedding E_G and of the discriminator's effective embedding E_D (E_G + E_delta for GDES) from the "
-            "last eval record of each run's metrics.jsonl; downstream: GLUE dev main metric (percent) after "
-            "fine-tuning that run's discriminator.", "", markdown(rows), ""]
+            "last eval record of each run's metrics.jsonl (mlm runs: no generator and no RTD; the E_D column holds "
+            "the MLM model's own embedding, the one that is fine-tuned); downstream: GLUE dev main metric "
+            "(percent) after fine-tuning that run's discriminator (mlm: its MLM model).", "", markdown(rows), ""]
     # Per mode.
     modes = [m for m in MODES if any(r[0] == m for r in runs)] + sorted({m for m, _ in runs} - set(MODES))
     agg = [["mode", "seeds", "RTD AUC", "MLM acc", "MLM loss", "cos E_G", "cos E_D", "paper cos E_G / E_D",
@@ -847,7 +862,7 @@ class Benchmark:
       paper = PAPER_COSINE.get(mode)
       agg.append([mode, ",".join(map(str, seeds)), mean_spread(values("rtd_auc")),
                   mean_spread(values("mlm_accuracy")), mean_spread(values("mlm_loss")),
-                  mean_spread(values("cosine_E_G")), mean_spread(values("cosine_E_D")),
+                  mean_spread(values("cosine_E_G")), mean_spread([fine_tuned_cosine(e) for e in evals]),
                   f"{paper[0]} / {paper[1]}" if paper else "-", mean_spread(averages, scale=100, decimals=1)])
       column = {}
       for t in self.task_names:
@@ -898,18 +913,18 @@ def tuple_run(run: str) -> tuple[str, int]:
 def plot_curves(metrics_paths: Mapping[str, str], output: str,
                 keys: Sequence[tuple[str, str]] = (("rtd_auc", "held-out RTD AUC"),
                                                    ("mlm_accuracy", "held-out MLM accuracy"),
-                                                   ("cosine_E_D", "avg. pairwise cosine of E_D"))) -> str:
+                                                   ("cosine_E_D", "avg. pairwise cosine of E_D (mlm: E)"))) -> str:
   """One panel per eval key, one line per run (colour: sharing mode, line style: seed) -> PNG."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  colours = {"gdes": "tab:blue", "es": "tab:orange", "nes": "tab:green"}
+  colours = {"gdes": "tab:blue", "es": "tab:orange", "nes": "tab:green", "mlm": "tab:red"}
   styles = ["-", "--", ":", "-."]
   fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4))
   for name, path in metrics_paths.items():
     mode, seed = tuple_run(name)
     for ax, (key, _) in zip(axes, keys):
-      points = eval_curve(path, key)
+      points = eval_curve(path, "cosine_E" if mode == "mlm" and key == "cosine_E_D" else key)
       if points:
         steps, values = zip(*points)
         ax.plot(steps, values, styles[seed % len(styles)], color=colours.get(mode), marker="o", markersize=3,
@@ -933,7 +948,9 @@ def parse_args(argv=None):
                       help="holds text/ and glue/ (default: ../shared/data from the project root)")
   parser.add_argument("--study", choices=["none", "sharing"], default="none",
                       help="none: part A (pretrained vs random init vs majority); sharing: part B")
-  parser.add_argument("--modes", default=None, help="embedding sharing modes (default: gdes; study: gdes,es,nes)")
+  parser.add_argument("--modes", default=None,
+                      help="embedding sharing modes gdes/es/nes, or mlm (plain MLM pretraining) "
+                      "(default: gdes; study: gdes,es,nes,mlm)")
   parser.add_argument("--seeds", default=None, help="config.seed values (default: 0; study: 0,1)")
   parser.add_argument("--parts", default="pretrain,finetune,baselines",
                       help="stages to run: pretrain (with corpus and vocabulary), finetune (of the pretrained runs "
@@ -955,7 +972,7 @@ def parse_args(argv=None):
   parser.add_argument("--poll_s", type=float, default=20.0, help="seconds between progress lines")
   args = parser.parse_args(argv)
   study = args.study == "sharing"
-  args.modes = [m.strip() for m in (args.modes or ("gdes,es,nes" if study else "gdes")).split(",") if m.strip()]
+  args.modes = [m.strip() for m in (args.modes or ("gdes,es,nes,mlm" if study else "gdes")).split(",") if m.strip()]
   args.seeds = [int(s) for s in (args.seeds or ("0,1" if study else "0")).split(",") if s.strip()]
   args.parts = {p.strip() for p in args.parts.split(",") if p.strip()}
   bad = sorted(set(args.modes) - set(MODES)) + sorted(args.parts - {"pretrain", "finetune", "baselines"})

@@ -42,6 +42,10 @@ def pretrain_config(model: ml_collections.ConfigDict, *, lr: float, batch_size: 
   c.init_from = ""  # A converted Hugging Face / debertax directory holding the discriminator ...
   c.init_generator_from = ""  # ... and the generator (released as a separate checkpoint).
 
+  # rtd: ELECTRA-style replaced token detection (the rtd block below). mlm: plain masked-LM pretraining of
+  # one model of config.model's shape with the Enhanced Mask Decoder (DeBERTa's objective, the paper's
+  # baseline for RTD); the rtd block is then not read, and the export is export/mlm/.
+  c.objective = "rtd"
   c.rtd = ml_collections.ConfigDict()
   c.rtd.embedding_sharing = "gdes"  # gdes | es | nes
   c.rtd.generator_layers = model.num_hidden_layers // 2  # Same width, half depth.

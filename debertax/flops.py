@@ -106,21 +106,29 @@ def rtd_head_flops(cfg: ModelConfig, num_positions: int, *, backward: bool) -> f
   return 3.0 * flops if backward else flops
 
 
+def mlm_step_flops(cfg: ModelConfig, batch: int, length: int, num_masked: int, *, emd_steps: int = 2,
+                   count: str = "useful") -> float:
+  """One MLM training step with the Enhanced Mask Decoder (forward + backward; optimizer not counted).
+
+  The encoder, then `emd_steps` passes of its last layer over the full length, with keys/values from the
+  second-to-last layer. The encoder's own last-layer output is then unused, and XLA removes it, so the
+  model costs (layers - 1 + emd_steps) layer passes (a framework without dead-code elimination would pay
+  one more). Then the MLM head on `num_masked` predicted positions per sequence.
+  """
+  flops = encoder_flops(cfg, batch, length, backward=True, count=count)
+  if emd_steps > 0:
+    flops += 3.0 * (emd_steps - 1) * layer_flops(cfg, batch, length, count=count)
+  return flops + mlm_head_flops(cfg, batch * num_masked, backward=True)
+
+
 def rtd_step_flops(disc_cfg: ModelConfig, gen_cfg: ModelConfig, batch: int, length: int, num_masked: int, *,
                    emd_steps: int = 2, count: str = "useful") -> float:
   """One RTD training step (forward + backward of generator and discriminator; optimizer not counted).
 
-  Generator: its encoder, then the Enhanced Mask Decoder: `emd_steps` passes of its last layer over the full
-  length, with keys/values from the second-to-last layer. The encoder's own last-layer output is then
-  unused, and XLA removes it, so the generator costs (layers - 1 + emd_steps) layer passes (a framework
-  without dead-code elimination would pay one more). Then the MLM head on `num_masked` predicted positions
-  per sequence. Discriminator: its encoder and the RTD head on every position. Sampling and the optimizer
-  update are elementwise (not counted).
+  Generator: `mlm_step_flops`. Discriminator: its encoder and the RTD head on every position. Sampling and
+  the optimizer update are elementwise (not counted).
   """
-  gen = encoder_flops(gen_cfg, batch, length, backward=True, count=count)
-  if emd_steps > 0:
-    gen += 3.0 * (emd_steps - 1) * layer_flops(gen_cfg, batch, length, count=count)
-  gen += mlm_head_flops(gen_cfg, batch * num_masked, backward=True)
+  gen = mlm_step_flops(gen_cfg, batch, length, num_masked, emd_steps=emd_steps, count=count)
   disc = encoder_flops(disc_cfg, batch, length, backward=True, count=count)
   disc += rtd_head_flops(disc_cfg, batch * length, backward=True)
   return gen + disc

@@ -1,10 +1,11 @@
-"""The RTD pretraining loop: vocabulary, data, resume, train, evaluate, checkpoint, export.
+"""The pretraining loop (RTD, or plain MLM): vocabulary, data, resume, train, evaluate, checkpoint, export.
 
 Everything lands in the workdir:
     spm.model                 the vocabulary (trained here when config.data.vocab is empty)
     checkpoints/<step>/       Orbax: train state + every host's data position
     metrics.jsonl, tensorboard/
-    export/discriminator/, export/generator/   Hugging Face directories (at the end, or --mode=export)
+    export/discriminator/, export/generator/   Hugging Face directories (at the end, or --mode=export);
+                              export/mlm/ under config.objective="mlm"
 """
 
 from __future__ import annotations
@@ -120,17 +121,17 @@ def _all_data_states(iterator: PretrainingIterator) -> dict:
 def initial_params_from(config, trainer: Trainer):
   """Continue-training from released / converted checkpoints (config.init_from, init_generator_from)."""
   from debertax import api
+  if trainer.objective == "mlm":
+    model = api.from_pretrained(config.init_from, head="mlm", use_emd=True)
+    _check_shape("init_from", model.config, trainer.disc_config)
+    return {"mlm": jax.device_get(model.params)}
   if not config.init_generator_from:
     raise ValueError("config.init_from needs config.init_generator_from too (the generator is a separate "
                      "checkpoint, e.g. pytorch_model.generator.bin converted with --emd)")
   disc = api.from_pretrained(config.init_from, head="rtd")
   gen = api.from_pretrained(config.init_generator_from, head="mlm", use_emd=True)
-  for name, loaded, expected in (("init_from", disc.config, trainer.disc_config),
-                                 ("init_generator_from", gen.config, trainer.gen_config)):
-    keys = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
-    diff = {k: (getattr(loaded, k), getattr(expected, k)) for k in keys if getattr(loaded, k) != getattr(expected, k)}
-    if diff:
-      raise ValueError(f"config.{name}: checkpoint shape differs from the config (checkpoint, config): {diff}")
+  _check_shape("init_from", disc.config, trainer.disc_config)
+  _check_shape("init_generator_from", gen.config, trainer.gen_config)
   disc_params = jax.device_get(disc.params)
   gen_params = jax.device_get(gen.params)
   emb = dict(disc_params["deberta"]["embeddings"])
@@ -144,16 +145,26 @@ def initial_params_from(config, trainer: Trainer):
   return {"generator": gen_params, "discriminator": disc_params}
 
 
+def _check_shape(name: str, loaded, expected):
+  keys = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+  diff = {k: (getattr(loaded, k), getattr(expected, k)) for k in keys if getattr(loaded, k) != getattr(expected, k)}
+  if diff:
+    raise ValueError(f"config.{name}: checkpoint shape differs from the config (checkpoint, config): {diff}")
+
+
 def export(trainer: Trainer, state, workdir: str, spm_path: str | None, tag: str = "") -> str:
+  """One Hugging Face directory per model: export/{discriminator,generator} (RTD) or export/mlm (MLM)."""
   out = storage.join(workdir, "export" + (f"_{tag}" if tag else ""))
-  gen, disc = trainer.export_params(state)
+  params = trainer.export_params(state)
   if jax.process_index() == 0:
-    convert.write_hf_directory(disc, trainer.disc_config, storage.join(out, "discriminator"), head="rtd",
-                               spm_model=spm_path)
-    convert.write_hf_directory(gen, trainer.gen_config, storage.join(out, "generator"), head="mlm",
-                               use_emd=True, spm_model=spm_path)
-    logging.info("Exported Hugging Face directories to %s/{discriminator,generator}", out)
+    for name, (model_config, head) in trainer.models.export_heads.items():
+      convert.write_hf_directory(params[name], model_config, storage.join(out, name), spm_model=spm_path, **head)
+    logging.info("Exported Hugging Face directories to %s/{%s}", out, ",".join(trainer.models.export_heads))
   return out
+
+
+# The average pairwise cosine of each exported model's word embedding, as the paper's Table 1 names them.
+COSINE_METRICS = {"generator": "cosine_E_G", "discriminator": "cosine_E_D", "mlm": "cosine_E"}
 
 
 def evaluate(trainer: Trainer, state, eval_batches) -> dict:
@@ -161,14 +172,16 @@ def evaluate(trainer: Trainer, state, eval_batches) -> dict:
   for batch in eval_batches:
     aux = jax.device_get(trainer.evaluate(state, batch))
     losses.append({k: float(v) for k, v in aux.items() if np.ndim(v) == 0})
-    valid = np.asarray(aux["token_mask"]).astype(bool)
-    logits.append(np.asarray(aux["rtd_logits"])[valid])
-    labels.append(np.asarray(aux["rtd_labels"])[valid])
+    if "rtd_logits" in aux:
+      valid = np.asarray(aux["token_mask"]).astype(bool)
+      logits.append(np.asarray(aux["rtd_logits"])[valid])
+      labels.append(np.asarray(aux["rtd_labels"])[valid])
   out = {k: float(np.mean([d[k] for d in losses])) for k in losses[0] if k not in ("tokens", "masked_tokens")}
-  out["rtd_auc"] = eval_metrics.binary_auc(np.concatenate(logits), np.concatenate(labels))
-  gen, disc = trainer.export_params(state)
-  out["cosine_E_G"] = rtd.average_pairwise_cosine(gen["deberta"]["embeddings"]["word_embeddings"]["embedding"])
-  out["cosine_E_D"] = rtd.average_pairwise_cosine(disc["deberta"]["embeddings"]["word_embeddings"]["embedding"])
+  if logits:
+    out["rtd_auc"] = eval_metrics.binary_auc(np.concatenate(logits), np.concatenate(labels))
+  for name, params in trainer.export_params(state).items():
+    embedding = params["deberta"]["embeddings"]["word_embeddings"]["embedding"]
+    out[COSINE_METRICS[name]] = rtd.average_pairwise_cosine(embedding)
   return out
 
 
@@ -237,11 +250,16 @@ def run(config, workdir: str, mode: str = "train") -> dict:
     logging.warning("Evaluation batches come from the training documents (config.data.holdout_every=0)")
   writer = MetricWriter(workdir, enabled=primary)
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(trainer.abstract_state.params))
-  logging.info("RTD pretraining: %s sharing, discriminator %d layers, generator %d layers, %s trainable "
-               "parameters, mesh %s, %d devices", config.rtd.embedding_sharing, trainer.disc_config.num_hidden_layers,
-               trainer.gen_config.num_hidden_layers, f"{n_params:,}", dict(trainer.mesh.shape), jax.device_count())
-  step_flops = flops.rtd_step_flops(trainer.disc_config, trainer.gen_config, config.train.batch_size,
-                                    config.data.seq_len, trainer.num_predictions)
+  shape = (config.train.batch_size, config.data.seq_len, trainer.num_predictions)
+  if trainer.objective == "mlm":
+    what = f"MLM pretraining (config.objective=mlm): {trainer.disc_config.num_hidden_layers} layers"
+    step_flops = flops.mlm_step_flops(trainer.disc_config, *shape)
+  else:
+    what = (f"RTD pretraining: {config.rtd.embedding_sharing} sharing, discriminator "
+            f"{trainer.disc_config.num_hidden_layers} layers, generator {trainer.gen_config.num_hidden_layers} layers")
+    step_flops = flops.rtd_step_flops(trainer.disc_config, trainer.gen_config, *shape)
+  logging.info("%s, %s trainable parameters, mesh %s, %d devices", what, f"{n_params:,}", dict(trainer.mesh.shape),
+               jax.device_count())
   peak = flops.peak_flops_per_device() * jax.device_count()
   tokens_per_step = config.train.batch_size * config.data.seq_len
 

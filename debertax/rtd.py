@@ -41,6 +41,8 @@ def generator_config(disc: ModelConfig, rtd_config) -> ModelConfig:
 class RTDModels:
   """The generator and discriminator modules and how their embeddings are tied."""
 
+  parts = ("generator", "discriminator")  # The top-level keys of the parameters (one optimizer each).
+
   def __init__(self, disc_config: ModelConfig, gen_config: ModelConfig, embedding_sharing: str):
     if embedding_sharing not in SHARING_MODES:
       raise ValueError(f"config.rtd.embedding_sharing={embedding_sharing!r}; choose one of {SHARING_MODES}")
@@ -50,6 +52,9 @@ class RTDModels:
     self.disc_config, self.gen_config, self.sharing = disc_config, gen_config, embedding_sharing
     self.generator = heads.build_model(gen_config, "mlm", use_emd=True)
     self.discriminator = heads.build_model(disc_config, "rtd")
+    # What pretrain.export writes: name -> (config, convert.write_hf_directory head arguments).
+    self.export_heads = {"discriminator": (disc_config, {"head": "rtd"}),
+                         "generator": (gen_config, {"head": "mlm", "use_emd": True})}
 
   # Parameters -------------------------------------------------------------------------------------
   def init(self, rng, length: int = 8, boxed: bool = False):
@@ -84,6 +89,10 @@ class RTDModels:
         disc_emb[name] = jax.tree_util.tree_map(jnp.add, base, disc_emb[name])
     return {**disc, "deberta": {**disc["deberta"], "embeddings": disc_emb}}
 
+  def exported(self, params) -> dict:
+    """The parameters of each model in `export_heads` (the discriminator's embedding is E_G + E_delta)."""
+    return {"generator": params["generator"], "discriminator": self.discriminator_params(params, for_export=True)}
+
   def _disc_uses(self, name: str) -> bool:
     return name == "word_embeddings" or self.disc_config.position_biased_input
 
@@ -98,11 +107,7 @@ class RTDModels:
     attention_mask, mlm_mask = jnp.asarray(batch["attention_mask"]), jnp.asarray(batch["mlm_mask"]).astype(bool)
     gen_rng, sample_rng, disc_rng = jax.random.split(rng, 3)
 
-    # The masked slots as a fixed-size [B, P] list (P = the pipeline's cap), padded with invalid slots.
-    order = jnp.argsort(~mlm_mask, axis=1, stable=True)
-    positions = order[:, :num_predictions]
-    valid = jnp.take_along_axis(mlm_mask, positions, axis=1)
-    targets = jnp.take_along_axis(original, positions, axis=1)
+    positions, valid, targets = masked_slots(mlm_mask, original, num_predictions)
 
     logits = self.generator.apply({"params": params["generator"]}, ids, attention_mask,
                                   deterministic=deterministic, positions=positions,
@@ -128,6 +133,18 @@ class RTDModels:
            "masked_tokens": valid.sum().astype(jnp.float32), "tokens": token_weight.sum(),
            "rtd_logits": disc_logits, "rtd_labels": replaced, "token_mask": attention_mask}
     return total, aux
+
+
+def masked_slots(mlm_mask, original, num_predictions: int):
+  """The masked slots as a fixed-size list (P = the pipeline's cap), padded with invalid slots.
+
+  mlm_mask [B, L] bool; original [B, L] int. Returns positions [B, P] int (the masked ones first, in order),
+  valid [B, P] bool, and the original ids there, targets [B, P].
+  """
+  order = jnp.argsort(~mlm_mask, axis=1, stable=True)
+  positions = order[:, :num_predictions]
+  return (positions, jnp.take_along_axis(mlm_mask, positions, axis=1),
+          jnp.take_along_axis(original, positions, axis=1))
 
 
 def masked_lm_loss(logits, targets, valid):

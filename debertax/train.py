@@ -1,4 +1,4 @@
-"""The sharded RTD train step: state initialisation, the jitted step and evaluation.
+"""The sharded pretraining step (RTD, or plain MLM): state initialisation, the jitted step and evaluation.
 
     trainer = Trainer(config)                 # config: an ml-collections pretraining config
     state = trainer.init(seed)                # parameters + optimizer state, sharded over the mesh
@@ -7,6 +7,8 @@
 Parameters and optimizer state are placed by the logical-axis rules of `debertax.sharding`; the batch is
 split over data x fsdp; the step donates the old state. With `config.rtd.decoupled` the generator and the
 discriminator have separate optimizers (separate clipping and learning rates), as in the authors' code.
+`config.objective="mlm"` trains one masked language model of the discriminator's shape instead
+(`debertax.mlm`); the step, checkpoints and export are the same code.
 """
 
 from __future__ import annotations
@@ -21,19 +23,18 @@ from flax import linen as nn
 from jax.experimental import multihost_utils
 
 from debertax import optimizer as optimizer_lib
-from debertax import compile_options, rtd, sharding
+from debertax import compile_options, mlm, rtd, sharding
 from debertax.config import ModelConfig
 
 BATCH_KEYS = ("input_ids", "original_ids", "attention_mask", "mlm_mask")
 # What `PretrainingIterator` yields for each key ([B, L] arrays).
 BATCH_DTYPES = {"input_ids": jnp.int32, "original_ids": jnp.int32, "attention_mask": jnp.int32,
                 "mlm_mask": jnp.bool_}
-# How a scalar metric of `rtd.RTDModels.losses` combines over microbatches: a mean over masked slots,
-# a mean over real tokens, or a count.
+# How a scalar metric of `rtd.RTDModels.losses` (or `mlm.MLMModel.losses`) combines over microbatches: a
+# mean over masked slots, a mean over real tokens, or a count.
 _PER_MASKED_METRICS = ("mlm_loss", "mlm_accuracy", "replaced_of_masked")
 _PER_TOKEN_METRICS = ("rtd_loss", "rtd_accuracy", "replaced_ratio")
 _COUNT_METRICS = ("masked_tokens", "tokens")
-PARTS = ("generator", "discriminator")
 
 
 @flax.struct.dataclass
@@ -51,8 +52,19 @@ def num_predictions(config) -> int:
   return -(-int(config.data.seq_len) * 80 // 512)
 
 
-def model_configs(config) -> tuple[ModelConfig, ModelConfig]:
+def objective(config) -> str:
+  """config.objective: "rtd" (the default; configs written before it existed are RTD) or "mlm"."""
+  name = config.get("objective", "rtd")
+  if name not in mlm.OBJECTIVES:
+    raise ValueError(f"config.objective={name!r}; choose one of {mlm.OBJECTIVES}")
+  return name
+
+
+def model_configs(config) -> tuple[ModelConfig, ModelConfig | None]:
+  """(the discriminator's config, the generator's); under the MLM objective, (the model's, None)."""
   disc = ModelConfig.from_dict(config.model)
+  if objective(config) == "mlm":
+    return disc, None
   return disc, rtd.generator_config(disc, config.rtd)
 
 
@@ -60,11 +72,15 @@ class Trainer:
 
   def __init__(self, config, mesh=None):
     self.config = config
+    self.objective = objective(config)
     self.disc_config, self.gen_config = model_configs(config)
-    self.models = rtd.RTDModels(self.disc_config, self.gen_config, config.rtd.embedding_sharing)
+    if self.objective == "mlm":
+      self.models = mlm.MLMModel(self.disc_config)
+    else:
+      self.models = rtd.RTDModels(self.disc_config, self.gen_config, config.rtd.embedding_sharing)
     self.mesh = mesh if mesh is not None else sharding.make_mesh(config.mesh)
     self.num_predictions = num_predictions(config)
-    self.decoupled = bool(config.rtd.decoupled)
+    self.decoupled = self.objective == "rtd" and bool(config.rtd.decoupled)
     if self.decoupled:
       gen_tx, self.gen_schedule = optimizer_lib.make_optimizer(config.train, config.train.get("generator_lr", -1))
       disc_tx, self.schedule = optimizer_lib.make_optimizer(config.train)
@@ -99,7 +115,7 @@ class Trainer:
     param_rng, state_rng = jax.random.split(rng)
     params = self.models.init(param_rng, boxed=True)
     if self.decoupled:
-      opt_state = {part: self.txs[part].init(params[part]) for part in PARTS}
+      opt_state = {part: self.txs[part].init(params[part]) for part in self.models.parts}
     else:
       opt_state = self.tx.init(params)
     return TrainState(step=jnp.zeros([], jnp.int32), params=params, opt_state=opt_state, rng=state_rng)
@@ -114,7 +130,8 @@ class Trainer:
     params = jax.device_put(params, self.param_shardings)
     with self._context():
       opt_state = jax.jit(
-          lambda p: ({part: self.txs[part].init(p[part]) for part in PARTS} if self.decoupled else self.tx.init(p)),
+          lambda p: ({part: self.txs[part].init(p[part]) for part in self.models.parts} if self.decoupled
+                     else self.tx.init(p)),
           out_shardings=self.state_shardings.opt_state)(params)
     return state.replace(params=params, opt_state=opt_state)
 
@@ -122,9 +139,12 @@ class Trainer:
   def _context(self):
     return sharding.MeshRules(self.mesh)
 
+  def _rtd_lambda(self) -> float:
+    return float(self.config.rtd.rtd_lambda) if self.objective == "rtd" else 0.0
+
   def _loss(self, params, batch, rng, deterministic=False):
     return self.models.losses(params, batch, rng, num_predictions=self.num_predictions,
-                              rtd_lambda=float(self.config.rtd.rtd_lambda),
+                              rtd_lambda=self._rtd_lambda(),
                               temperature=float(self.config.rtd.temperature), deterministic=deterministic)
 
   def _train_step(self, state: TrainState, batch):
@@ -132,7 +152,7 @@ class Trainer:
     grads, metrics = self._gradients(state.params, batch, rng)
     if self.decoupled:
       new_params, new_opt = {}, {}
-      for part in PARTS:
+      for part in self.models.parts:
         updates, new_opt[part] = self.txs[part].update(grads[part], state.opt_state[part], state.params[part])
         new_params[part] = optax.apply_updates(state.params[part], updates)
     else:
@@ -161,7 +181,7 @@ class Trainer:
       (_, aux), grads = grad_fn(params, batch, rng)
       return grads, {k: v for k, v in aux.items() if jnp.ndim(v) == 0}
 
-    rtd_lambda = float(self.config.rtd.rtd_lambda)
+    rtd_lambda = self._rtd_lambda()
     # The normalisers of rtd.RTDModels.losses for the whole batch: masked slots (at most
     # num_predictions per sequence) and real tokens.
     masked_total = jnp.maximum(jnp.minimum(batch["mlm_mask"].sum(axis=1), self.num_predictions).sum(), 1)
@@ -169,8 +189,9 @@ class Trainer:
 
     def slice_objective(p, micro, micro_rng):
       _, aux = self._loss(p, micro, micro_rng)
-      weighted = (aux["mlm_loss"] * aux["masked_tokens"] / masked_total
-                  + rtd_lambda * aux["rtd_loss"] * aux["tokens"] / tokens_total)
+      weighted = aux["mlm_loss"] * aux["masked_tokens"] / masked_total
+      if "rtd_loss" in aux:
+        weighted += rtd_lambda * aux["rtd_loss"] * aux["tokens"] / tokens_total
       return weighted, {k: v for k, v in aux.items() if jnp.ndim(v) == 0}
 
     def body(grad_sum, inputs):
@@ -216,7 +237,7 @@ class Trainer:
 
     _, per_slice = jax.lax.scan(body, None, (jnp.arange(self.microbatches), self._split_batch(batch)))
     scalars = {k: v for k, v in per_slice.items() if v.ndim == 1}
-    out = _combine_slice_metrics(scalars, float(self.config.rtd.rtd_lambda))
+    out = _combine_slice_metrics(scalars, self._rtd_lambda())
     for key, value in per_slice.items():
       if key not in scalars:  # [M, B/M, ...] -> [B, ...] in the batch's row order (see _split_batch).
         out[key] = jnp.swapaxes(value, 0, 1).reshape((-1,) + value.shape[2:])
@@ -237,14 +258,15 @@ class Trainer:
     return sharding.global_batch(local_batch, self.batch_sharding, BATCH_KEYS)
 
   # Export -----------------------------------------------------------------------------------------
-  def export_params(self, state: TrainState) -> tuple[dict, dict]:
-    """Host copies of (generator, discriminator) parameters; the discriminator embedding is E_G + E_delta.
+  def export_params(self, state: TrainState) -> dict:
+    """Host copies of the parameters of each exported model: {"generator", "discriminator"} (the
+    discriminator's embedding is E_G + E_delta) under RTD, {"mlm"} under the MLM objective.
 
     Every process gets whole arrays: process_allgather assembles each leaf over the mesh (on one process
     it is a plain copy), one leaf at a time, so no device ever holds more than one whole parameter extra.
     """
     params = multihost_utils.process_allgather(state.params, tiled=True)
-    return params["generator"], jax.device_get(self.models.discriminator_params(params, for_export=True))
+    return jax.device_get(self.models.exported(params))
 
 
 def _check_microbatches(config, mesh) -> int:
@@ -275,5 +297,5 @@ def _combine_slice_metrics(per_slice: dict, rtd_lambda: float) -> dict:
       out[key] = values.sum()
     elif key != "loss":
       raise ValueError(f"config.train.microbatches: no rule to combine the metric {key!r} over microbatches")
-  out["loss"] = out["mlm_loss"] + rtd_lambda * out["rtd_loss"]
+  out["loss"] = out["mlm_loss"] + (rtd_lambda * out["rtd_loss"] if "rtd_loss" in out else 0.0)
   return out

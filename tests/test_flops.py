@@ -155,12 +155,15 @@ def test_position_terms_grow_linearly_on_the_blocked_path():
   assert position_flops(8192) < 0.35 * useful
 
 
-def test_rtd_step_flops_matches_traced_step():
-  """Generator (+2 EMD passes, MLM head on the masked slots) and discriminator, forward + backward."""
+@pytest.mark.parametrize("objective", ["rtd", "mlm"])
+def test_step_flops_match_traced_step(objective):
+  """RTD: generator (+2 EMD passes, MLM head on the masked slots) and discriminator, forward + backward.
+  MLM: the discriminator-shaped model with the EMD and the MLM head, alone."""
   from configs import tiny
   from debertax import train as train_lib
   config = tiny.get_config()
   config.model.vocab_size = 100  # tiny.py fills it from the trained vocabulary
+  config.objective = objective
   trainer = train_lib.Trainer(config)
   batch, length = int(config.train.batch_size), int(config.data.seq_len)
   data = dict(input_ids=jnp.ones((batch, length), jnp.int32), original_ids=jnp.ones((batch, length), jnp.int32),
@@ -168,8 +171,11 @@ def test_rtd_step_flops_matches_traced_step():
   params = trainer.abstract_state.params
   traced = traced_matmul_flops(
       lambda p: jax.grad(lambda p: trainer._loss(p, data, jax.random.PRNGKey(0))[0])(p), params)
-  counted = flops.rtd_step_flops(trainer.disc_config, trainer.gen_config, batch, length, trainer.num_predictions,
-                                 count="computed")
+  if objective == "mlm":
+    counted = flops.mlm_step_flops(trainer.disc_config, batch, length, trainer.num_predictions, count="computed")
+  else:
+    counted = flops.rtd_step_flops(trainer.disc_config, trainer.gen_config, batch, length, trainer.num_predictions,
+                                   count="computed")
   assert traced == counted
 
 

@@ -281,7 +281,7 @@ class _FakeTrainer:
     return self.outputs[batch]
 
   def export_params(self, state):
-    return self.gen, self.disc
+    return {"generator": self.gen, "discriminator": self.disc}
 
 
 def test_evaluate_metrics_by_hand():

@@ -131,3 +131,26 @@ def test_small_formatting_helpers(ptf):
   assert line == "[pretrain] 300/1500 steps (20%), 2.00 steps/s, elapsed 2m10s, ETA 10m00s"
   assert ptf.progress_line("x", 5, 10, "steps", 3.0, None).endswith("ETA ?")
   assert ptf.tuple_run("gdes_s12") == ("gdes", 12)
+
+
+def test_mlm_mode_pretrains_with_the_mlm_objective_and_fine_tunes_its_export(ptf, tmp_path):
+  args = ptf.parse_args([f"--workdir={tmp_path}", "--study=sharing", "--modes=mlm,gdes", "--seeds=0"])
+  bench = ptf.Benchmark(args)
+  mlm, gdes = bench.pretrain_command("mlm", 0), bench.pretrain_command("gdes", 0)
+  assert "--config.objective=mlm" in mlm and not any("embedding_sharing" in a for a in mlm)
+  assert "--config.rtd.embedding_sharing=gdes" in gdes and not any("objective" in a for a in gdes)
+  init = lambda command: next(a for a in command if a.startswith("--config.init_from="))
+  assert init(bench.finetune_command("mlm_s0", "rte")).endswith(os.path.join("mlm_s0", "export", "mlm"))
+  assert init(bench.finetune_command("gdes_s0", "rte")).endswith(os.path.join("gdes_s0", "export", "discriminator"))
+  # A killed run resumes only as the same mode: an MLM run's config.json does not pass for an RTD mode.
+  directory = bench.pretrain_dir("gdes_s0")
+  os.makedirs(directory)
+  with open(os.path.join(directory, "config.json"), "w") as f:
+    json.dump({"objective": "mlm", "rtd": {"embedding_sharing": "gdes"}, "seed": 0,
+               "train": {"steps": args.pretrain_steps}, "data": {"source": bench.corpus}}, f)
+  with pytest.raises(ptf.StageMismatch, match="'mode': 'mlm'"):
+    bench._check_pretrain_config(directory, "gdes", 0)
+  bench._check_pretrain_config(directory, "mlm", 0)
+  # The fine-tuned model's embedding cosine: E_D for RTD runs, the MLM model's E for mlm runs.
+  assert ptf.fine_tuned_cosine({"cosine_E_G": 0.4, "cosine_E_D": 0.3}) == 0.3
+  assert ptf.fine_tuned_cosine({"cosine_E": 0.2}) == 0.2
