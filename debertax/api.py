@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from debertax import checkpoint, compile_options, convert, storage
+from debertax import checkpoint, compile_options, convert, hub, storage
 from debertax import heads as heads_lib
 from debertax.config import ModelConfig
 
@@ -108,9 +108,12 @@ def from_pretrained(path: str, head: str | None = None, use_emd: bool | None = N
                     weights_file: str | None = None, dtype: str | None = None) -> PretrainedDeberta:
   """Loads a Hugging Face / Microsoft directory or a debertax (Orbax) model directory.
 
+  path: a local or bucket (gs://...) directory, or a Hugging Face Hub model id ("microsoft/deberta-v3-base",
+  "org/name@revision"), downloaded into huggingface_hub's cache on first use (`debertax.hub`).
   head: None keeps the checkpoint's head; 'none' loads just the backbone from any checkpoint.
   dtype: optional compute dtype ('bfloat16'); parameters stay float32.
   """
+  path = hub.resolve_model_dir(path)
   if not storage.isdir(path):
     raise FileNotFoundError(f"{path}: not a directory (expected a Hugging Face or debertax model directory)")
   if checkpoint.is_model_dir(path):

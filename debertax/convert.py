@@ -3,6 +3,9 @@
     python -m debertax.convert import HF_DIR OUT_DIR [--head auto|none|mlm|rtd|cls] [--emd]
     python -m debertax.convert export CKPT_DIR OUT_DIR
 
+HF_DIR and CKPT_DIR may be local or gs:// directories, or Hugging Face Hub model ids (org/name[@revision],
+fetched into huggingface_hub's cache: see debertax/hub.py).
+
 A Hugging Face directory holds config.json, model.safetensors or pytorch_model.bin (torch is needed only
 for .bin; also pytorch_model.generator.bin for released generators via --weights) and optionally
 spm.model. Every tensor our model expects must be present with the right shape, and every tensor in the
@@ -256,7 +259,8 @@ def main(argv=None):
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = parser.add_subparsers(dest="command", required=True)
   imp = sub.add_parser("import", help="Hugging Face directory -> debertax (Orbax) checkpoint directory")
-  imp.add_argument("hf_dir")
+  imp.add_argument("hf_dir", help="a Hugging Face directory (local or gs://), or a Hub model id such as "
+                   "microsoft/deberta-v3-base[@revision]")
   imp.add_argument("out_dir")
   imp.add_argument("--head", default="auto", choices=["auto", *heads_lib.HEADS])
   imp.add_argument("--emd", action="store_true", help="MLM with the Enhanced Mask Decoder (RTD generators)")

@@ -48,7 +48,7 @@ from flax import linen as nn
 from flax import traverse_util
 
 from debertax import checkpoint as checkpoint_lib
-from debertax import compile_options, eval_metrics, sharding, storage, tasks
+from debertax import compile_options, eval_metrics, hub, sharding, storage, tasks
 from debertax import heads as heads_lib
 from debertax import optimizer as optimizer_lib
 from debertax.config import RUNTIME_FIELDS, ModelConfig, parse_pos_att_type
@@ -610,16 +610,17 @@ def load_initial(config, num_labels: int, eval_only: bool) -> InitialModel:
     if spm_path is None:
       raise ValueError("a random initialisation needs config.vocab (an spm.model)")
     return InitialModel(None, None, Tokenizer.load(spm_path), spm_path, "random initialisation")
-  if not storage.isdir(config.init_from):
+  init_dir = hub.resolve_model_dir(config.init_from)  # A Hub id becomes its local snapshot.
+  if not storage.isdir(init_dir):
     raise FileNotFoundError(f"config.init_from={config.init_from}: not a directory")
   if eval_only:
-    loaded = api.from_pretrained(config.init_from)
+    loaded = api.from_pretrained(init_dir)
     if loaded.head != "cls" or loaded.config.num_labels != num_labels:
       raise ValueError(f"config.init_from={config.init_from} holds head={loaded.head!r} with "
                        f"{loaded.config.num_labels} labels; evaluation only needs a fine-tuned classifier with "
                        f"{num_labels} label(s)")
   else:
-    loaded = api.from_pretrained(config.init_from, head="none")
+    loaded = api.from_pretrained(init_dir, head="none")
   spm_path = spm_path or loaded.spm_path
   if spm_path is None:
     raise ValueError(f"config.init_from={config.init_from} has no spm.model; set config.vocab")

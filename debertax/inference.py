@@ -350,7 +350,8 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="python -m debertax.inference", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("command", choices=["classify", "fill-mask", "rtd", "embed"])
-  parser.add_argument("--model", required=True, help="Hugging Face or debertax model directory")
+  parser.add_argument("--model", required=True, help="Hugging Face or debertax model directory (local or "
+                      "gs://), or a Hugging Face Hub model id such as microsoft/deberta-v3-base[@revision]")
   parser.add_argument("--input", required=True, help=".jsonl or .tsv")
   parser.add_argument("--output", required=True, help=".jsonl (embed: also .npy)")
   parser.add_argument("--max_length", type=int, default=512)
@@ -365,14 +366,15 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   logging.set_verbosity(logging.INFO)
 
-  from debertax import api
+  from debertax import api, hub
   try:
     rows = read_inputs(args.input, args.text_field, args.pair_field, args.columns, args.on_bad_row)
-    model = api.from_pretrained(args.model, dtype=args.dtype)
+    model_dir = hub.resolve_model_dir(args.model)
+    model = api.from_pretrained(model_dir, dtype=args.dtype)
     predictor = Predictor(model, max_length=args.max_length, batch_size=args.batch_size, min_length=args.min_bucket,
                           log_every=50)
     if args.command == "classify":
-      records = classification_records(predictor.classify(rows.texts, rows.text_pairs), _label_names(args.model))
+      records = classification_records(predictor.classify(rows.texts, rows.text_pairs), _label_names(model_dir))
     elif args.command == "fill-mask":
       if rows.text_pairs is not None:
         raise ValueError(f"{args.input}: fill-mask takes single texts")
