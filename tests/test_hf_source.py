@@ -1,0 +1,126 @@
+"""Hugging Face `datasets` sources (debertax/hf_source.py): Parquet / JSON Lines / CSV files and `hf:` datasets,
+read through `datasets`' own streaming readers, sharded per host and resumed exactly. Local files only."""
+
+import json
+
+import pytest
+
+from debertax import hf_source
+from debertax.data import BadInputError, DataConfig, open_source, source_lines
+from test_data import (assert_resumes_exactly, collect, corpus_lines, make_iterator, read_all,  # noqa: F401
+                       tokenizer, vocab_dir)
+
+pa = pytest.importorskip("pyarrow")
+pq = pytest.importorskip("pyarrow.parquet")
+pytest.importorskip("datasets")
+
+
+def write_parquet(path, texts, row_group_size=7, **columns):
+  table = pa.table({"text": texts, "id": list(range(len(texts))), **columns})
+  pq.write_table(table, str(path), row_group_size=row_group_size)
+  return str(path)
+
+
+def write_jsonl(path, rows):
+  path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+  return str(path)
+
+
+@pytest.fixture
+def parquet_corpus(tmp_path, corpus_lines):  # noqa: F811
+  """Four Parquet files of 25 documents (several row groups each, one empty text): 99 documents."""
+  texts = list(corpus_lines[:100])
+  texts[30] = ""
+  for index in range(4):
+    write_parquet(tmp_path / f"part-{index}.parquet", texts[25 * index: 25 * (index + 1)])
+  return str(tmp_path / "*.parquet"), [t for t in texts if t.strip()]
+
+
+def test_parquet_jsonl_and_csv_read_every_row_in_file_order(parquet_corpus, tmp_path, corpus_lines):  # noqa: F811
+  spec, expected = parquet_corpus
+  assert [text for _, text in read_all(open_source(DataConfig(source=spec)))] == expected
+  assert list(source_lines(spec)) == expected  # What vocabulary training reads.
+  jsonl = write_jsonl(tmp_path / "docs.jsonl", [{"body": t, "n": i} for i, t in enumerate(corpus_lines[:20])])
+  assert [t for _, t in read_all(open_source(DataConfig(source=jsonl, text_feature="body")))] == corpus_lines[:20]
+  csv_path = tmp_path / "docs.csv"
+  import pyarrow.csv as pacsv
+  pacsv.write_csv(pa.table({"text": corpus_lines[20:35]}), str(csv_path))
+  assert [t for _, t in read_all(open_source(DataConfig(source=str(csv_path))))] == corpus_lines[20:35]
+
+
+@pytest.mark.parametrize("files,process_count", [(4, 2), (4, 4), (3, 2)])
+def test_host_shards_are_disjoint_and_cover_the_rows(tmp_path, corpus_lines, files, process_count):  # noqa: F811
+  texts = [f"{i}: {line}" for i, line in enumerate(corpus_lines[:12 * files])]  # unique texts
+  for index in range(files):
+    write_parquet(tmp_path / f"p{index}.parquet", texts[12 * index: 12 * (index + 1)], row_group_size=5)
+  shards = [[t for _, t in read_all(open_source(DataConfig(source=str(tmp_path / "*.parquet")), p, process_count))]
+            for p in range(process_count)]
+  assert sorted(t for shard in shards for t in shard) == sorted(texts)
+  assert all(len(shard) >= len(texts) // process_count - 12 for shard in shards), [len(s) for s in shards]
+  description = open_source(DataConfig(source=str(tmp_path / "*.parquet")), 0, process_count).description
+  assert ("its own files" if files % process_count == 0 else f"every {process_count}th example") in description
+
+
+def test_resume_is_exact_across_windows_files_and_epochs(parquet_corpus, vocab_dir, tokenizer):  # noqa: F811
+  spec, _ = parquet_corpus
+
+  def make():
+    return make_iterator(vocab_dir, tokenizer, source=spec, batch_size=3, shuffle_window=5, seq_len=64)
+
+  probe = make()
+  collect(probe, 40)
+  assert probe.epoch >= 1, "the test should cross an epoch boundary"
+  assert_resumes_exactly(make, [0, 1, 4, 9, 17, 29])
+
+
+def test_resume_on_one_of_two_hosts(parquet_corpus, vocab_dir, tokenizer):  # noqa: F811
+  spec, _ = parquet_corpus
+  assert_resumes_exactly(lambda: make_iterator(vocab_dir, tokenizer, source=spec, process_index=1, process_count=2,
+                                               batch_size=2, shuffle_window=3), [0, 3, 11])
+
+
+def test_hf_dataset_directory_with_config_and_split(tmp_path, corpus_lines, vocab_dir, tokenizer):  # noqa: F811
+  """`hf:` goes through load_dataset(path, config, split=...) as for a Hub id; here the path is a dataset laid
+  out as on the Hub (data/<split>-*.parquet), so no network is involved."""
+  (tmp_path / "ds" / "data").mkdir(parents=True)
+  write_parquet(tmp_path / "ds" / "data" / "train-00000-of-00001.parquet", corpus_lines[:30])
+  write_parquet(tmp_path / "ds" / "data" / "validation-00000-of-00001.parquet", corpus_lines[30:40])
+  root = tmp_path / "ds"
+  assert [t for _, t in read_all(open_source(DataConfig(source=f"hf:{root}")))] == corpus_lines[:30]
+  assert [t for _, t in read_all(open_source(DataConfig(source=f"hf:{root}::validation")))] == corpus_lines[30:40]
+  assert_resumes_exactly(lambda: make_iterator(vocab_dir, tokenizer, source=f"hf:{root}", batch_size=2,
+                                               shuffle_window=3), [0, 2, 7])
+  with pytest.raises(FileNotFoundError, match=r"data source 'hf:.*::nosuch': cannot stream the dataset .*split "
+                                              r"'nosuch'"):
+    open_source(DataConfig(source=f"hf:{root}::nosuch"))
+
+
+def test_spec_parsing():
+  assert hf_source.parse_hf_spec("hf:allenai/c4:en") == ("allenai/c4", None, "en", "train")
+  assert hf_source.parse_hf_spec("hf:org/ds@v2::validation") == ("org/ds", "v2", None, "validation")
+  assert hf_source.parse_hf_spec("hf:wikimedia/wikipedia:20231101.de:train") == (
+      "wikimedia/wikipedia", None, "20231101.de", "train")
+  for bad in ("hf:", "hf::en", "hf:a:b:c:d"):
+    with pytest.raises(ValueError, match="expected 'hf:<path>"):
+      hf_source.parse_hf_spec(bad)
+  assert hf_source.builder_for("gs://b/x/*.jsonl.gz") == "json"
+  assert hf_source.builder_for("/d/part-1.PARQUET") == "parquet"
+  assert hf_source.builder_for("/d/a.csv.zst") == "csv"
+  assert hf_source.builder_for("/d/*.txt") is None and hf_source.builder_for("/d/a.gz") is None
+
+
+def test_bad_rows_and_columns_are_named(tmp_path, corpus_lines):  # noqa: F811
+  path = write_jsonl(tmp_path / "mixed.jsonl", [{"text": corpus_lines[0]}, {"text": 17}, {"text": corpus_lines[1]},
+                                                {"text": None}, {"text": corpus_lines[2]}])
+  with pytest.raises(BadInputError, match=r"mixed.jsonl example 1: column 'text' holds int, not text \(17\)"):
+    read_all(open_source(DataConfig(source=path)))
+  skipped = []
+  documents = read_all(open_source(DataConfig(source=path, on_bad_line="skip")), skipped)
+  assert [t for _, t in documents] == corpus_lines[:3] and len(skipped) == 2
+  with pytest.raises(KeyError, match=r"examples have no column 'body' \(columns: \['text'\]\)"):
+    read_all(open_source(DataConfig(source=path, text_feature="body")))
+  with pytest.raises(FileNotFoundError, match="matched no files"):
+    open_source(DataConfig(source=str(tmp_path / "none-*.parquet")))
+  (tmp_path / "broken.parquet").write_bytes(b"PAR1 this is not parquet")
+  with pytest.raises(BadInputError, match=r"broken.parquet"):
+    read_all(open_source(DataConfig(source=str(tmp_path / "broken.parquet"))))
