@@ -77,13 +77,27 @@ def _snapshot(spec: str, repo_id: str, revision: str | None) -> str:
 
 def _ignored_weights(repo_id: str, revision: str | None) -> list[str]:
   """["pytorch_model.bin"] when the repository also has safetensors weights (one copy of the weights is
-  enough); nothing when it has not, or when the file list cannot be had (offline: the cache decides)."""
+  enough), else nothing. Online, the Hub's file list decides; offline (or when the list cannot be had), the
+  cached snapshot does, so that an offline run asks for exactly the files an online one downloaded."""
   import huggingface_hub
   from huggingface_hub import constants
-  if constants.HF_HUB_OFFLINE:
-    return []
-  try:
-    files = huggingface_hub.list_repo_files(repo_id, revision=revision)
-  except Exception:  # noqa: BLE001 (snapshot_download meets the same condition and says what it is)
-    return []
+  files = None
+  if not constants.HF_HUB_OFFLINE:
+    try:
+      files = huggingface_hub.list_repo_files(repo_id, revision=revision)
+    except Exception:  # noqa: BLE001 (snapshot_download meets the same condition and says what it is)
+      files = None
+  if files is None:
+    files = _cached_files(repo_id, revision)
   return ["pytorch_model.bin"] if "model.safetensors" in files else []
+
+
+def _cached_files(repo_id: str, revision: str | None) -> list[str]:
+  """The file names of the cached snapshot of `repo_id` at `revision` (a branch, tag or commit), if any."""
+  from huggingface_hub import constants
+  from huggingface_hub.file_download import repo_folder_name
+  folder = os.path.join(constants.HF_HUB_CACHE, repo_folder_name(repo_id=repo_id, repo_type="model"))
+  ref = os.path.join(folder, "refs", revision or "main")
+  commit = open(ref).read().strip() if os.path.isfile(ref) else revision or ""
+  snapshot = os.path.join(folder, "snapshots", commit)
+  return os.listdir(snapshot) if commit and os.path.isdir(snapshot) else []

@@ -124,3 +124,47 @@ def test_bad_rows_and_columns_are_named(tmp_path, corpus_lines):  # noqa: F811
   (tmp_path / "broken.parquet").write_bytes(b"PAR1 this is not parquet")
   with pytest.raises(BadInputError, match=r"broken.parquet"):
     read_all(open_source(DataConfig(source=str(tmp_path / "broken.parquet"))))
+
+
+HUB_SCRIPT = """
+import json, sys
+sys.path.insert(0, sys.argv[2])
+from debertax.data import DataConfig, open_source
+from test_data import read_all
+spec = sys.argv[1]
+documents = read_all(open_source(DataConfig(source=spec)))
+shards = [[t for _, t in read_all(open_source(DataConfig(source=spec), p, 2))] for p in range(2)]
+source = open_source(DataConfig(source=spec))
+resumed = [t for _, t in source.read(json.loads(json.dumps(documents[13][0])), 0)]
+print(json.dumps({"texts": [t for _, t in documents], "shards": shards, "resumed_at_13": resumed}))
+"""
+
+
+def test_hub_dataset_streams_through_the_hub_api(tmp_path, corpus_lines):  # noqa: F811
+  """`hf:<org>/<name>` against a Hub on 127.0.0.1 (tests/hub_emulator.py): the dataset's files are found by
+  datasets' own Hub resolution and streamed over HTTP range requests, nothing downloaded ahead."""
+  import os
+  import subprocess
+  import sys
+
+  from hub_emulator import FakeHub
+  repo = tmp_path / "hub" / "datasets" / "acme" / "corpus" / "data"
+  repo.mkdir(parents=True)
+  for index in range(2):
+    write_parquet(repo / f"train-0000{index}-of-00002.parquet", corpus_lines[20 * index: 20 * (index + 1)],
+                  row_group_size=6)
+  write_parquet(repo / "validation-00000-of-00001.parquet", corpus_lines[40:45])
+  tests_dir = os.path.dirname(os.path.abspath(__file__))
+  with FakeHub(tmp_path / "hub", tmp_path / "cache") as fake:
+    env = {**os.environ, **fake.env}
+    env.pop("XLA_FLAGS", None)
+    result = subprocess.run([sys.executable, "-c", HUB_SCRIPT, "hf:acme/corpus", tests_dir],
+                            cwd=os.path.dirname(tests_dir), env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    ranged = [p for method, p in fake.requests if method == "GET" and p.endswith(".parquet")]
+  assert out["texts"] == corpus_lines[:40]
+  assert out["shards"] == [corpus_lines[:20], corpus_lines[20:40]]  # 2 files, 2 hosts: a file each.
+  assert out["resumed_at_13"] == corpus_lines[13:40]
+  assert ranged and not any("validation" in p for p in ranged)
+  assert not os.path.exists(tmp_path / "cache" / "hub" / "datasets--acme--corpus" / "blobs"), "streamed, not downloaded"

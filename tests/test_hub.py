@@ -119,6 +119,13 @@ def test_safetensors_repositories_skip_the_pickled_weights(monkeypatch):
   assert hub._ignored_weights("without", None) == []
 
 
+def test_offline_runs_ask_for_the_files_the_cached_snapshot_has(offline_hub):
+  """Offline, the cached snapshot says whether the pickle was skipped (the hub cache fixture has safetensors)."""
+  assert hub._ignored_weights(REPO, None) == ["pytorch_model.bin"]
+  assert hub._ignored_weights(REPO, DEV) == ["pytorch_model.bin"]
+  assert hub._ignored_weights("acme/not-cached", None) == []
+
+
 def test_command_lines_take_hub_ids(hub_cache, tmp_path):
   env = {**os.environ, "HF_HUB_CACHE": str(hub_cache), "HF_HUB_OFFLINE": "1"}
   env.pop("XLA_FLAGS", None)
@@ -142,3 +149,52 @@ def test_command_lines_take_hub_ids(hub_cache, tmp_path):
   assert result.returncode == 1
   assert result.stderr.strip().splitlines()[-1].startswith("error: acme/no-such-model: no such local directory, "
                                                            "and HF_HUB_OFFLINE is set")
+
+
+DOWNLOAD_SCRIPT = """
+import json, os, sys
+from debertax import api, hub
+out = {}
+for spec in sys.argv[1:]:
+  try:
+    path = hub.resolve_model_dir(spec)
+    model = api.from_pretrained(path)
+    out[spec] = {"files": sorted(os.listdir(path)), "head": model.head, "path": path}
+  except FileNotFoundError as e:
+    out[spec] = {"error": str(e)}
+print(json.dumps(out))
+"""
+
+
+def test_hub_download_through_the_hub_api(hub_cache, tmp_path):
+  """The online path, against a Hub on 127.0.0.1 (tests/hub_emulator.py): only the model's files are fetched,
+  safetensors rather than the pickle, and the cached copy then serves an offline run."""
+  import shutil
+
+  from hub_emulator import FakeHub
+  repo = tmp_path / "hub" / "models" / "acme" / "tiny-deberta"
+  shutil.copytree(_snapshot(hub_cache, MAIN), repo)
+  (repo / "pytorch_model.bin").write_bytes(b"a pickle that must not be downloaded")
+  (repo / "tf_model.h5").write_bytes(b"TensorFlow weights that must not be downloaded")
+  (repo / "README.md").write_text("model card")
+  with FakeHub(tmp_path / "hub", tmp_path / "cache") as fake:
+    env = {**os.environ, **fake.env}
+    env.pop("XLA_FLAGS", None)
+    run = lambda *specs: subprocess.run([sys.executable, "-c", DOWNLOAD_SCRIPT, *specs], cwd=ROOT, env=env,
+                                        capture_output=True, text=True, timeout=300)
+    result = run(REPO, "acme/no-such-model")
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    downloads = [p for method, p in fake.requests if method == "GET" and "/resolve/" in p]
+  assert out[REPO]["files"] == ["config.json", "model.safetensors", "spm.model"], out
+  assert out[REPO]["head"] == "rtd" and out[REPO]["path"].startswith(str(tmp_path / "cache"))
+  assert not any(name in p for p in downloads for name in ("pytorch_model.bin", "tf_model.h5", "README.md"))
+  assert out["acme/no-such-model"]["error"] == ("acme/no-such-model: no such local directory, and the Hugging "
+                                                "Face Hub has no model 'acme/no-such-model' (a private one needs "
+                                                "HF_TOKEN)")
+  # The server is gone: offline, the cache answers.
+  env["HF_HUB_OFFLINE"] = "1"
+  result = subprocess.run([sys.executable, "-c", DOWNLOAD_SCRIPT, REPO], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+  offline = json.loads(result.stdout.strip().splitlines()[-1])[REPO]
+  assert offline.get("files") == out[REPO]["files"], offline
