@@ -55,7 +55,9 @@ def pretrain_config(model: ml_collections.ConfigDict, *, lr: float, batch_size: 
   c.rtd.decoupled = True  # Separate optimizers for generator and discriminator, as in the authors' code.
 
   c.data = ml_collections.ConfigDict()
-  c.data.source = "tfds:c4/en"  # "default" (embedded corpus), a file path/glob, or tfds:<name>[:<split>].
+  # "default" (embedded corpus); text / Parquet / JSONL / CSV files or globs (local or gs://);
+  # hf:<path>[@<revision>][:<config>][:<split>] (a Hugging Face dataset, streamed); tfds:<name>[:<split>].
+  c.data.source = "hf:allenai/c4:en"
   c.data.vocab = ""  # Directory or path of spm.model; empty: train one (see data.train_vocab_size).
   c.data.train_vocab_size = 0  # >0: train a SentencePiece vocabulary of this size into the workdir.
   c.data.seq_len = 512

@@ -5,7 +5,8 @@
     resolve_model_dir("/data/model"), ("gs://b/model")   # an existing directory or a bucket path: unchanged
 
 `api.from_pretrained` (and through it `--config.init_from`, `python -m debertax.convert import` and the
-inference CLI) resolves its argument here. The cache, the token and offline mode are huggingface_hub's own:
+inference CLI) resolves its argument here; `resolve_vocab` serves `config.data.vocab`, fetching only the
+model's spm.model. The cache, the token and offline mode are huggingface_hub's own:
 HF_HOME / HF_HUB_CACHE, HF_TOKEN (or `huggingface-cli login`), HF_HUB_OFFLINE=1. Only the files a model
 directory needs are fetched (config, weights, SentencePiece model, tokenizer configs); when a repository has
 safetensors weights, the pickled `pytorch_model.bin` is not downloaded.
@@ -13,6 +14,7 @@ safetensors weights, the pickled `pytorch_model.bin` is not downloaded.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 
@@ -48,16 +50,37 @@ def resolve_model_dir(spec: str) -> str:
   return _snapshot(spec, *parsed)
 
 
+def resolve_vocab(spec: str) -> str:
+  """`spec` itself when it is a bucket path or an existing local path (an spm.model or a directory holding
+  one), else the `spm.model` of the Hub model `spec` (org/name[@revision]), fetched alone (not the weights)."""
+  if storage.is_remote(spec) or os.path.exists(spec):
+    return spec
+  parsed = parse_hub_id(spec)
+  if parsed is None:
+    raise FileNotFoundError(f"{spec}: no such file or directory (nor a Hugging Face Hub model id such as "
+                            "microsoft/mdeberta-v3-base, whose spm.model would be used)")
+  import huggingface_hub
+  repo_id, revision = parsed
+  with _one_line_errors(spec, repo_id, revision):
+    return huggingface_hub.hf_hub_download(repo_id, "spm.model", revision=revision)
+
+
 def _snapshot(spec: str, repo_id: str, revision: str | None) -> str:
   import huggingface_hub
+  with _one_line_errors(spec, repo_id, revision):
+    return huggingface_hub.snapshot_download(repo_id, revision=revision, allow_patterns=_MODEL_FILES,
+                                             ignore_patterns=_ignored_weights(repo_id, revision))
+
+
+@contextlib.contextmanager
+def _one_line_errors(spec: str, repo_id: str, revision: str | None):
+  """huggingface_hub's exceptions (multi-line, with request ids) -> one-line FileNotFoundErrors naming `spec`."""
   from huggingface_hub import constants, errors
 
   prefix = f"{spec}: no such local directory, and"
   where = f"revision {revision!r}" if revision else "its default branch"
   try:
-    ignore = _ignored_weights(repo_id, revision)
-    return huggingface_hub.snapshot_download(repo_id, revision=revision, allow_patterns=_MODEL_FILES,
-                                             ignore_patterns=ignore)
+    yield
   except errors.GatedRepoError:
     raise FileNotFoundError(f"{prefix} the Hugging Face Hub model {repo_id!r} is gated: accept its terms on the "
                             "Hub and set HF_TOKEN") from None
@@ -70,6 +93,9 @@ def _snapshot(spec: str, repo_id: str, revision: str | None) -> str:
     offline = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the Hub cannot be reached"
     raise FileNotFoundError(f"{prefix} {offline} and the cache ({constants.HF_HUB_CACHE}) has no copy of "
                             f"the Hub model {repo_id!r} at {where}") from None
+  except errors.EntryNotFoundError:
+    raise FileNotFoundError(f"{prefix} the Hugging Face Hub model {repo_id!r} at {where} lacks a file this "
+                            "needs (spm.model?)") from None
   except errors.HfHubHTTPError as error:
     raise FileNotFoundError(f"{prefix} the Hugging Face Hub answered for {repo_id!r}: "
                             f"{str(error).splitlines()[0]}") from None

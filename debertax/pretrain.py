@@ -19,7 +19,7 @@ import numpy as np
 from absl import logging
 
 from debertax import checkpoint as checkpoint_lib
-from debertax import convert, eval_metrics, flops, rtd, storage
+from debertax import convert, eval_metrics, flops, hub, rtd, storage
 from debertax.data import DataConfig, EmptySplitError, PretrainingIterator, source_lines
 from debertax.metric_writer import MetricWriter
 from debertax.tokenizer import Tokenizer, train_sentencepiece
@@ -51,7 +51,7 @@ def materialise_default_corpus(config, workdir: str):
 def prepare_vocab(config, workdir: str) -> Tokenizer:
   """Loads config.data.vocab, or trains a SentencePiece model on the training source into the workdir."""
   if config.data.vocab:
-    return Tokenizer.load(config.data.vocab)
+    return Tokenizer.load(_spm_file(config.data.vocab))
   path = storage.join(workdir, "spm.model")
   if storage.exists(path):
     return Tokenizer.load(path)
@@ -311,4 +311,6 @@ def run(config, workdir: str, mode: str = "train") -> dict:
 
 
 def _spm_file(path: str) -> str:
+  """config.data.vocab -> the spm.model file: the path, the spm.model in a directory, or a Hub model's."""
+  path = hub.resolve_vocab(path)
   return storage.join(path, "spm.model") if storage.isdir(path) else path

@@ -92,6 +92,16 @@ def test_missing_models_and_revisions_are_one_line_errors(offline_hub):
     assert "\n" not in str(error.value)
 
 
+def test_vocabulary_of_a_hub_model(offline_hub):
+  from debertax import pretrain
+  assert hub.resolve_vocab(f"{REPO}@dev") == os.path.join(_snapshot(offline_hub, DEV), "spm.model")
+  assert pretrain._spm_file(REPO) == os.path.join(_snapshot(offline_hub, MAIN), "spm.model")
+  with pytest.raises(FileNotFoundError, match="has no copy of the Hub model 'acme/none'"):
+    hub.resolve_vocab("acme/none")
+  with pytest.raises(FileNotFoundError, match=r"a/b/spm.model: no such file or directory \(nor a Hugging Face"):
+    hub.resolve_vocab("a/b/spm.model")
+
+
 def test_what_counts_as_a_hub_id(tmp_path):
   assert hub.parse_hub_id("microsoft/deberta-v3-base") == ("microsoft/deberta-v3-base", None)
   assert hub.parse_hub_id("org/name@v1.0") == ("org/name", "v1.0")
@@ -157,6 +167,9 @@ from debertax import api, hub
 out = {}
 for spec in sys.argv[1:]:
   try:
+    if spec.startswith("vocab:"):
+      out[spec] = {"path": hub.resolve_vocab(spec[len("vocab:"):])}
+      continue
     path = hub.resolve_model_dir(spec)
     model = api.from_pretrained(path)
     out[spec] = {"files": sorted(os.listdir(path)), "head": model.head, "path": path}
@@ -182,6 +195,12 @@ def test_hub_download_through_the_hub_api(hub_cache, tmp_path):
     env.pop("XLA_FLAGS", None)
     run = lambda *specs: subprocess.run([sys.executable, "-c", DOWNLOAD_SCRIPT, *specs], cwd=ROOT, env=env,
                                         capture_output=True, text=True, timeout=300)
+    result = run(f"vocab:{REPO}")  # config.data.vocab: the vocabulary alone, not the weights.
+    assert result.returncode == 0, result.stderr[-3000:]
+    vocab = json.loads(result.stdout.strip().splitlines()[-1])[f"vocab:{REPO}"]["path"]
+    assert vocab.endswith("spm.model") and os.path.getsize(vocab) == os.path.getsize(repo / "spm.model")
+    assert [p for m, p in fake.requests if m == "GET" and "/resolve/" in p] == [
+        f"/{REPO}/resolve/main/spm.model"], fake.requests
     result = run(REPO, "acme/no-such-model")
     assert result.returncode == 0, result.stderr[-3000:]
     out = json.loads(result.stdout.strip().splitlines()[-1])
