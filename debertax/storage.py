@@ -19,6 +19,8 @@ read it); see tests/gcs_emulator.py.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import glob as glob_lib
 import io
 import os
@@ -57,27 +59,77 @@ def _fs(path: str):
   return fsspec.core.url_to_fs(str(path))
 
 
+@contextlib.contextmanager
+def _named(url: str):
+  """A refused request becomes a one-line PermissionError naming the URL (gcsfs raises a two-line
+  OSError("Forbidden: <object>\n<message>") for HTTP 403); a missing object, a FileNotFoundError naming it."""
+  try:
+    yield
+  except PermissionError as error:
+    if str(error).startswith(url):  # Already named by a nested call.
+      raise
+    raise PermissionError(f"{url}: permission denied ({_first_line(error)}); check that the credentials in use "
+                          "may read and write it") from None
+  except FileNotFoundError as error:
+    if url in str(error):
+      raise
+    raise FileNotFoundError(f"{url}: no such object") from None
+  except OSError as error:
+    if not str(error).startswith("Forbidden"):
+      raise
+    raise PermissionError(f"{url}: permission denied by the object store ({_first_line(error)}); check that "
+                          "the credentials in use may read and write it") from None
+
+
+def _first_line(error: BaseException) -> str:
+  return (str(error).splitlines() or [type(error).__name__])[0]
+
+
+def _remote_errors(function):
+  """Applies `_named` to the remote calls of a function whose first argument is the path."""
+  @functools.wraps(function)
+  def wrapper(path, *args, **kwargs):
+    if not is_remote(path):
+      return function(path, *args, **kwargs)
+    with _named(str(path)):
+      return function(path, *args, **kwargs)
+  return wrapper
+
+
+def _info(path: str) -> dict | None:
+  """fsspec's info() of a URL, None when nothing is there. Not fs.exists/isdir/isfile: those answer False
+  for any error, a refused request included, which would make an unreadable workdir look empty."""
+  fs, key = _fs(path)
+  try:
+    return fs.info(key)
+  except FileNotFoundError:
+    return None
+
+
+@_remote_errors
 def exists(path: str) -> bool:
   if not is_remote(path):
     return os.path.exists(path)
-  fs, key = _fs(path)
-  return fs.exists(key)
+  return _info(path) is not None
 
 
+@_remote_errors
 def isdir(path: str) -> bool:
   if not is_remote(path):
     return os.path.isdir(path)
-  fs, key = _fs(path)
-  return fs.isdir(key)
+  info = _info(path)
+  return info is not None and info.get("type") == "directory"
 
 
+@_remote_errors
 def isfile(path: str) -> bool:
   if not is_remote(path):
     return os.path.isfile(path)
-  fs, key = _fs(path)
-  return fs.isfile(key)
+  info = _info(path)
+  return info is not None and info.get("type") == "file"
 
 
+@_remote_errors
 def getsize(path: str) -> int:
   if not is_remote(path):
     return os.path.getsize(path)
@@ -90,6 +142,7 @@ def makedirs(path: str) -> None:
     os.makedirs(path, exist_ok=True)
 
 
+@_remote_errors
 def open_file(path: str, mode: str = "r", encoding: str | None = None) -> IO:
   """`open` for local paths and URLs. Text is UTF-8 unless `encoding` says otherwise (local only)."""
   if not is_remote(path):
@@ -109,16 +162,19 @@ def open_file(path: str, mode: str = "r", encoding: str | None = None) -> IO:
   return io.TextIOWrapper(handle, encoding=encoding or "utf-8", newline=None if "r" in mode else "")
 
 
+@_remote_errors
 def read_bytes(path: str) -> bytes:
   with open_file(path, "rb") as f:
     return f.read()
 
 
+@_remote_errors
 def read_text(path: str) -> str:
   with open_file(path, "r", encoding="utf-8") as f:
     return f.read()
 
 
+@_remote_errors
 def write_atomic(path: str, data: str | bytes) -> None:
   """Writes the whole file so that a reader never sees half of it, even if the writer is killed; creates the
   missing parent directories."""
@@ -141,6 +197,7 @@ def copy_file(src: str, dst: str) -> None:
     write_atomic(dst, read_bytes(src))
 
 
+@_remote_errors
 def remove(path: str, missing_ok: bool = True) -> None:
   if not is_remote(path):
     try:
@@ -150,17 +207,18 @@ def remove(path: str, missing_ok: bool = True) -> None:
         raise
     return
   fs, key = _fs(path)
-  if fs.exists(key) or not missing_ok:
+  if _info(path) is not None or not missing_ok:
     fs.rm(key)
 
 
+@_remote_errors
 def rmtree(path: str) -> None:
   """Deletes a directory and everything under it; nothing happens if it does not exist."""
   if not is_remote(path):
     shutil.rmtree(path, ignore_errors=True)
     return
   fs, key = _fs(path)
-  if fs.exists(key):
+  if _info(path) is not None:
     fs.rm(key, recursive=True)
 
 
@@ -171,9 +229,10 @@ def rename(src: str, dst: str) -> None:
     return
   fs, src_key = _fs(src)
   _, dst_key = _fs(dst)
-  fs.mv(src_key, dst_key, recursive=fs.isdir(src_key))
+  fs.mv(src_key, dst_key, recursive=isdir(src))
 
 
+@_remote_errors
 def listdir(path: str) -> list[str]:
   """Names (not paths) in a directory, sorted."""
   if not is_remote(path):
@@ -182,6 +241,7 @@ def listdir(path: str) -> list[str]:
   return sorted(os.path.basename(name.rstrip("/")) for name in fs.ls(key, detail=False))
 
 
+@_remote_errors
 def glob(pattern: str) -> list[str]:
   """Sorted files matching a shell pattern (`**` crosses directories); directories are left out."""
   if not is_remote(pattern):

@@ -7,6 +7,9 @@ tensorstore all speak the real GCS protocol to it, with no credentials and no ne
 import functools
 import json
 import os
+import signal
+import subprocess
+import sys
 import uuid
 
 import jax
@@ -131,3 +134,41 @@ def test_missing_objects_are_named_by_url(bucket, prefix):
     api.from_pretrained(f"{prefix}/no-model")
   with pytest.raises(FileNotFoundError, match=f"{prefix}/vocab/spm.model"):
     Tokenizer.load(f"{prefix}/vocab/spm.model")
+
+
+KILL_DURING_REMOTE_SAVE = """
+import os, signal, sys
+sys.path.insert(0, {tests!r})
+import fsspec
+fsspec.config.conf["gs"] = {{"token": "anon"}}
+from debertax import checkpoint, pretrain
+from test_gcs import _bucket_config
+original = checkpoint.TrainCheckpointer.save
+def save_then_die(self, step, *args, **kwargs):
+  started = original(self, step, *args, **kwargs)
+  if step == 4:  # The asynchronous upload of step 4 is in flight: die now, like a preempted TPU VM.
+    os.kill(os.getpid(), signal.SIGKILL)
+  return started
+checkpoint.TrainCheckpointer.save = save_then_die
+pretrain.run(_bucket_config({corpus!r}), {workdir!r})
+"""
+
+
+def test_sigkill_during_a_remote_save_loses_nothing_committed(bucket, prefix, tmp_path):
+  corpus, workdir = _corpus_files(f"{prefix}/corpus"), f"{prefix}/run"
+  script = KILL_DURING_REMOTE_SAVE.format(tests=os.path.dirname(os.path.abspath(__file__)), corpus=corpus,
+                                          workdir=workdir)
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), env=env)
+  assert done.returncode == -signal.SIGKILL, done.stderr[-3000:]
+  committed = sorted(int(d) for d in storage.listdir(f"{workdir}/checkpoints")
+                     if d.isdigit() and storage.exists(f"{workdir}/checkpoints/{d}/commit_success.txt"))
+  assert committed and max(committed) in (2, 4), storage.listdir(f"{workdir}/checkpoints")
+  resumed = pretrain.run(_bucket_config(corpus), workdir)
+  assert min(resumed["train"]) == max(committed) + 1 and max(resumed["train"]) == 6
+  reference = _bucket_config(_corpus_files(str(tmp_path / "corpus")))
+  reference.data.vocab = f"{workdir}/spm.model"
+  local = pretrain.run(reference, str(tmp_path / "local"))
+  steps = sorted(resumed["train"])
+  np.testing.assert_array_equal(_losses(resumed, steps), _losses(local, steps))

@@ -139,3 +139,48 @@ def _events(data: bytes):
     event.ParseFromString(data[offset + 12:offset + 12 + length])
     yield event
     offset += 12 + length + 4
+
+
+class _RefusingFileSystem:
+  """What gcsfs does on HTTP 403 (gcsfs/retry.py): every request raises OSError("Forbidden: <object>\\n<msg>").
+  fsspec's own exists()/isdir() turn that into False; storage must not (an unreadable workdir is not empty)."""
+
+  @staticmethod
+  def install():
+    import fsspec
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    class Refusing(MemoryFileSystem):
+      protocol = "refusing"
+
+      def _refuse(self, path, *args, **kwargs):
+        raise OSError(f"Forbidden: {self._strip_protocol(path)}\nsa@project.iam.gserviceaccount.com does not have "
+                      "storage.objects.get access to the Google Cloud Storage object.")
+
+      info = ls = _open = rm = _refuse
+
+    fsspec.register_implementation("refusing", Refusing, clobber=True)
+
+
+def test_refused_requests_are_one_line_permission_errors_naming_the_url():
+  _RefusingFileSystem.install()
+  url = "refusing://bucket/run/config.json"
+  for call in (storage.exists, storage.isdir, storage.isfile, storage.getsize, storage.read_text, storage.listdir,
+               lambda p: storage.write_atomic(p, "{}"), storage.rmtree):
+    with pytest.raises(PermissionError) as error:
+      call(url)
+    message = str(error.value)
+    assert message.startswith(f"{url}: permission denied by the object store (Forbidden: ")
+    assert "\n" not in message
+  from debertax import pretrain
+  from configs import tiny
+  with pytest.raises(PermissionError, match=r"refusing://bucket/run/.*: permission denied"):
+    pretrain.run(tiny.get_config(), "refusing://bucket/run")
+
+
+def test_missing_objects_are_named_by_their_url(root):
+  missing = storage.join(root, "nothing", "here.txt")
+  for call in (storage.getsize, storage.read_text, storage.read_bytes):
+    with pytest.raises(FileNotFoundError, match=f"{missing}"):
+      call(missing)
+  assert not storage.exists(missing) and not storage.isdir(missing) and not storage.isfile(missing)
