@@ -41,35 +41,39 @@ def resolve_model_dir(spec: str) -> str:
   Raises FileNotFoundError in one line when `spec` is neither: no such directory, no such Hub model or
   revision, a gated/private model without a token, or offline without a cached copy.
   """
-  if storage.is_remote(spec) or os.path.exists(spec):
-    return spec
-  parsed = parse_hub_id(spec)
+  parsed = _hub_id_unless_local(spec, "no such directory (nor a Hugging Face Hub model id such as "
+                                      "microsoft/deberta-v3-base)")
   if parsed is None:
-    raise FileNotFoundError(f"{spec}: no such directory (nor a Hugging Face Hub model id such as "
-                            "microsoft/deberta-v3-base)")
-  return _snapshot(spec, *parsed)
+    return spec
+  import huggingface_hub
+  repo_id, revision = parsed
+  with _one_line_errors(spec, repo_id, revision):
+    return huggingface_hub.snapshot_download(repo_id, revision=revision, allow_patterns=_MODEL_FILES,
+                                             ignore_patterns=_ignored_weights(repo_id, revision))
 
 
 def resolve_vocab(spec: str) -> str:
   """`spec` itself when it is a bucket path or an existing local path (an spm.model or a directory holding
   one), else the `spm.model` of the Hub model `spec` (org/name[@revision]), fetched alone (not the weights)."""
-  if storage.is_remote(spec) or os.path.exists(spec):
-    return spec
-  parsed = parse_hub_id(spec)
+  parsed = _hub_id_unless_local(spec, "no such file or directory (nor a Hugging Face Hub model id such as "
+                                      "microsoft/mdeberta-v3-base, whose spm.model would be used)")
   if parsed is None:
-    raise FileNotFoundError(f"{spec}: no such file or directory (nor a Hugging Face Hub model id such as "
-                            "microsoft/mdeberta-v3-base, whose spm.model would be used)")
+    return spec
   import huggingface_hub
   repo_id, revision = parsed
   with _one_line_errors(spec, repo_id, revision):
     return huggingface_hub.hf_hub_download(repo_id, "spm.model", revision=revision)
 
 
-def _snapshot(spec: str, repo_id: str, revision: str | None) -> str:
-  import huggingface_hub
-  with _one_line_errors(spec, repo_id, revision):
-    return huggingface_hub.snapshot_download(repo_id, revision=revision, allow_patterns=_MODEL_FILES,
-                                             ignore_patterns=_ignored_weights(repo_id, revision))
+def _hub_id_unless_local(spec: str, missing: str) -> tuple[str, str | None] | None:
+  """None for a bucket path or an existing local path (used as it is), else (repo id, revision); a spec
+  that is neither raises FileNotFoundError("<spec>: <missing>")."""
+  if storage.is_remote(spec) or os.path.exists(spec):
+    return None
+  parsed = parse_hub_id(spec)
+  if parsed is None:
+    raise FileNotFoundError(f"{spec}: {missing}")
+  return parsed
 
 
 @contextlib.contextmanager
