@@ -10,10 +10,12 @@ Training workdirs use `TrainCheckpointer` (an Orbax CheckpointManager) with the 
 from __future__ import annotations
 
 import json
+import signal
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 
 from debertax import storage
 from debertax.config import ModelConfig
@@ -70,6 +72,29 @@ def restore_tree(directory: str, abstract=None):
 
 def host_tree(tree):
   return jax.device_get(tree)
+
+
+class Preemption:
+  """SIGTERM (TPU preemption, scancel) -> the training loop saves at its next step boundary and stops.
+
+  Installed for the duration of a loop (`restore()` puts the previous handler back); the loop polls
+  `requested` after every step."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    logging.warning("SIGTERM received: saving a checkpoint at the next step boundary, then exiting")
+    self.requested = True
+
+  def restore(self):
+    signal.signal(signal.SIGTERM, self._previous)
+
+
+class Preempted(SystemExit):
+  """Raised by a loop that saved after SIGTERM: the process exits (status 1) with its one-line message, and
+  nothing after the loop (results, reports) runs as if it had finished. Rerunning the command resumes."""
 
 
 class TrainCheckpointer:

@@ -16,8 +16,8 @@ The run:
 
 Workdir layout:
     config.json                 the resolved config (a rerun with a different config is refused)
-    checkpoints/<step>/         Orbax train state + loop position (resume after a crash, at epoch ends and
-                                every train.checkpoint_every steps)
+    checkpoints/<step>/         Orbax train state + loop position (resume after a crash, at epoch ends,
+                                every train.checkpoint_every steps and on SIGTERM)
     best_model/                 debertax model directory (head "cls", spm.model, task.json): the best epoch
     predictions/<split>/<GLUE file>   e.g. predictions/dev/RTE.tsv, predictions/test/RTE.tsv
     metrics.jsonl, tensorboard/ train and eval metrics (debertax.metric_writer)
@@ -807,6 +807,7 @@ def _train(config, workdir, finetuner: Finetuner, data: TaskData, steps_per_epoc
   log_every = max(int(config.train.log_every), 1)
   checkpoint_every = int(config.train.checkpoint_every)
   timer, timed_tokens, compiled_lengths = time.time(), 0, set()
+  preemption = checkpoint_lib.Preemption()
   try:
     while loop["epoch"] < settings.epochs:
       epoch = loop["epoch"]
@@ -833,8 +834,16 @@ def _train(config, workdir, finetuner: Finetuner, data: TaskData, steps_per_epoc
           metrics.update(epoch=epoch + (step_in_epoch + 1) / steps_per_epoch, tokens_per_sec=timed_tokens / elapsed)
           writer.write(step, metrics)
           timer, timed_tokens = time.time(), 0
-        if checkpoint_every > 0 and step % checkpoint_every == 0 and step_in_epoch + 1 < steps_per_epoch:
+        saved = checkpoint_every > 0 and step % checkpoint_every == 0 and step_in_epoch + 1 < steps_per_epoch
+        if saved:
           ckpt.save(step, state, {0: loop}, force=True)
+        if preemption.requested:
+          if not saved:
+            ckpt.save(step, state, {0: loop}, force=True)
+          ckpt.wait()
+          raise checkpoint_lib.Preempted(
+              f"SIGTERM: saved step {step} (epoch {epoch + 1}, step {step_in_epoch + 1} of {steps_per_epoch}) to "
+              f"{workdir}/checkpoints; rerun the same command to resume")
       # End of the epoch: evaluate on the whole dev set, keep the best, maybe stop.
       eval_start = time.time()
       scores, _ = evaluate(state.params, data.evals)
@@ -867,6 +876,7 @@ def _train(config, workdir, finetuner: Finetuner, data: TaskData, steps_per_epoc
                      _selection_name(config), patience)
         break
   finally:
+    preemption.restore()
     ckpt.close()
     writer.close()
   if loop["best_epoch"] is None:

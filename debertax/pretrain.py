@@ -10,7 +10,6 @@ Everything lands in the workdir:
 
 from __future__ import annotations
 
-import signal
 import time
 
 import jax
@@ -185,21 +184,6 @@ def evaluate(trainer: Trainer, state, eval_batches) -> dict:
   return out
 
 
-class _Preemption:
-  """SIGTERM (TPU preemption, scancel) -> save at the next step boundary and exit cleanly."""
-
-  def __init__(self):
-    self.requested = False
-    self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-  def _handle(self, signum, frame):
-    logging.warning("SIGTERM received: saving a checkpoint at the next step boundary, then exiting")
-    self.requested = True
-
-  def restore(self):
-    signal.signal(signal.SIGTERM, self._previous)
-
-
 def run(config, workdir: str, mode: str = "train") -> dict:
   """mode: 'train' (resumes automatically) or 'export' (the latest checkpoint -> Hugging Face dirs).
 
@@ -263,7 +247,7 @@ def run(config, workdir: str, mode: str = "train") -> dict:
   peak = flops.peak_flops_per_device() * jax.device_count()
   tokens_per_step = config.train.batch_size * config.data.seq_len
 
-  preemption = _Preemption()
+  preemption = checkpoint_lib.Preemption()
   step = int(state.step)
   # A job with a wall-clock limit can stop after max_steps_per_run steps; the next run resumes.
   stop_at = config.train.steps
