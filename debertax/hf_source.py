@@ -69,6 +69,8 @@ def open_hub_dataset(spec: str, config: DataConfig, process_index: int, process_
     what = f"the dataset {path!r} (config {name or '(default)'}, split {split!r}{pinned})"
     try:
         dataset = datasets.load_dataset(path, name, split=split, revision=revision, streaming=True)
+    except (PermissionError, ConnectionError, ImportError):
+        raise  # Credentials, network and missing packages say what they are.
     except Exception as error:  # noqa: BLE001 (datasets raises many types; all end the run the same way)
         message = str(error).splitlines()[0] if str(error) else ""
         raise FileNotFoundError(f"data source {spec!r}: cannot stream {what} ({type(error).__name__}: "
@@ -84,6 +86,8 @@ def open_data_files(spec: str, paths: list[str], builder: str, config: DataConfi
 
     try:
         dataset = datasets.load_dataset(builder, data_files=paths, split="train", streaming=True)
+    except (PermissionError, ConnectionError, ImportError):
+        raise
     except Exception as error:  # noqa: BLE001
         message = str(error).splitlines()[0] if str(error) else ""
         raise BadInputError(f"data source {spec!r}: datasets' {builder} reader cannot open it "
@@ -124,10 +128,13 @@ class HFDatasetSource(TextSource):
 
     def read(self, position: Position | None, epoch: int) -> Iterator[tuple[Position, str | BadLine]]:
         dataset = copy.deepcopy(self._dataset)  # Each read has its own stream; the source keeps its start.
-        dataset.load_state_dict(position["hf_state"] if position else self._start)
+        start = position["hf_state"] if position else self._start
+        dataset.load_state_dict(start)
         examples = iter(dataset)
         for count in range(1 << 62):
-            state = dataset.state_dict()
+            # Before the first next() the stream has not applied the loaded state yet, and state_dict() would
+            # answer with the state it was built with (the start of the stream): the first position is `start`.
+            state = copy.deepcopy(start) if count == 0 else dataset.state_dict()
             try:
                 example = next(examples)
             except StopIteration:

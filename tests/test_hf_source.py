@@ -168,3 +168,29 @@ def test_hub_dataset_streams_through_the_hub_api(tmp_path, corpus_lines):  # noq
   assert out["resumed_at_13"] == corpus_lines[13:40]
   assert ranged and not any("validation" in p for p in ranged)
   assert not os.path.exists(tmp_path / "cache" / "hub" / "datasets--acme--corpus" / "blobs"), "streamed, not downloaded"
+
+
+def test_positions_read_after_a_resume_resume_too(parquet_corpus, vocab_dir, tokenizer):  # noqa: F811
+  """A saved position may come from a stream that was itself resumed (resume, train on, save, resume): the
+  first document after a resume must carry its own position, not the start of the stream."""
+  spec, texts = parquet_corpus
+  source = open_source(DataConfig(source=spec))
+  positions = [json.loads(json.dumps(p)) for p, _ in read_all(source)]
+  for first, then in ((3, 0), (3, 4), (40, 0), (40, 30)):
+    resumed = list(source.read(positions[first], 0))
+    again = [t for _, t in source.read(json.loads(json.dumps(resumed[then][0])), 0)]
+    assert again == texts[first + then:], (first, then)
+  # The same through the iterator: resume, read on, save, resume again (window 1: every batch saves a start).
+  make = lambda: make_iterator(vocab_dir, tokenizer, source=spec, batch_size=2, shuffle_window=1)  # noqa: E731
+  reference = collect(make(), 16)
+  for cuts in ((8, 1), (3, 5), (1, 1)):
+    iterator, done = make(), 0
+    for cut in cuts:
+      collect(iterator, cut)
+      done += cut
+      state = json.loads(json.dumps(iterator.get_state()))
+      iterator = make()
+      iterator.set_state(state)
+    for offset, batch in enumerate(collect(iterator, 4)):
+      for key, value in batch.items():
+        assert (value == reference[done + offset][key]).all(), (cuts, offset, key)
