@@ -11,7 +11,8 @@ whole pipeline (bounded reads, tokenisation, packing, shuffling, masking) for --
 measured: the mdeberta-base RTD step's FLOPs per token (`flops.rtd_step_flops`, 80 predictions per 512
 tokens, 251k vocabulary) and the bf16 peaks of `flops.ACCELERATOR_PEAKS`, at --mfu, for one host of 4 TPU v4
 chips and of 8 TPU v5e chips. Prints a markdown table and the command that reproduces it, and writes both
-to --output. Run it on an otherwise idle machine: it measures one process on one core.
+to --output. Run it on an otherwise idle machine: it measures one process, whose SentencePiece batch
+encoding uses every core (the packing and masking run in the process's one Python thread).
 """
 
 from __future__ import annotations
@@ -81,8 +82,8 @@ def measure(spm_path: str) -> dict:
           "pieces": tokenizer.vocab_size, "tokens_per_s": tokens / elapsed, "batches": batches}
 
 
-def consumption() -> list[tuple[str, int, float]]:
-  """(accelerator, chips per host, tokens/s one host consumes) for mdeberta-base at --mfu."""
+def consumption() -> tuple[list[tuple[str, int, float]], float]:
+  """([(accelerator, chips per host, tokens/s one host consumes)] for mdeberta-base at --mfu, FLOPs per token)."""
   from configs import mdeberta_base
   from debertax import flops
   from debertax.train import model_configs

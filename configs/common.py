@@ -44,7 +44,7 @@ def pretrain_config(model: ml_collections.ConfigDict, *, lr: float, batch_size: 
 
   # rtd: ELECTRA-style replaced token detection (the rtd block below). mlm: plain masked-LM pretraining of
   # one model of config.model's shape with the Enhanced Mask Decoder (DeBERTa's objective, the paper's
-  # baseline for RTD); the rtd block is then not read, and the export is export/mlm/.
+  # baseline for RTD); the rtd block then has no effect, and the export is export/mlm/.
   c.objective = "rtd"
   c.rtd = ml_collections.ConfigDict()
   c.rtd.embedding_sharing = "gdes"  # gdes | es | nes

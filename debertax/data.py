@@ -35,7 +35,8 @@ hash of its text, belongs to the evaluation split only; the training iterator ne
 evaluation iterator yields nothing else. The choice needs no index of the corpus and is the same on
 every host, in every epoch and after a resume.
 
-Order: each epoch visits the files in an order shuffled by (seed, epoch), and the packed sequences
+Order: each epoch visits the text files in an order shuffled by (seed, epoch) (a `datasets` stream
+reads its files in the same order every epoch), and the packed sequences
 are shuffled within consecutive windows of `shuffle_window` sequences by (seed, host, epoch,
 window). Iteration is infinite: the epoch counter increases and the corpus is read again.
 

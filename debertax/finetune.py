@@ -834,10 +834,11 @@ def _train(config, workdir, finetuner: Finetuner, data: TaskData, steps_per_epoc
           metrics.update(epoch=epoch + (step_in_epoch + 1) / steps_per_epoch, tokens_per_sec=timed_tokens / elapsed)
           writer.write(step, metrics)
           timer, timed_tokens = time.time(), 0
-        saved = checkpoint_every > 0 and step % checkpoint_every == 0 and step_in_epoch + 1 < steps_per_epoch
+        inside_epoch = step_in_epoch + 1 < steps_per_epoch  # The epoch's last step is saved after its eval.
+        saved = checkpoint_every > 0 and step % checkpoint_every == 0 and inside_epoch
         if saved:
           ckpt.save(step, state, {0: loop}, force=True)
-        if preemption.requested:
+        if preemption.requested and inside_epoch:
           if not saved:
             ckpt.save(step, state, {0: loop}, force=True)
           ckpt.wait()
@@ -871,6 +872,10 @@ def _train(config, workdir, finetuner: Finetuner, data: TaskData, steps_per_epoc
         loop["epoch"] = settings.epochs  # A resumed run must not train on.
       ckpt.save(step, state, {0: loop}, force=True)
       timer = time.time()
+      if preemption.requested and not stop and loop["epoch"] < settings.epochs:
+        ckpt.wait()
+        raise checkpoint_lib.Preempted(f"SIGTERM: saved the end of epoch {epoch + 1} (step {step}) to "
+                                       f"{workdir}/checkpoints; rerun the same command to resume")
       if stop:
         logging.info("Early stopping after epoch %d: no better %s for %d epoch(s)", epoch + 1,
                      _selection_name(config), patience)

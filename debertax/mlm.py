@@ -2,9 +2,9 @@
 
 One model of the discriminator's shape (config.model) with the MLM head and the Enhanced Mask Decoder,
 trained on the same masked batches as the RTD generator, as DeBERTa (v1/v2) was pretrained; DeBERTaV3
-measures RTD against it. No generator, no sampling, no discriminator: the `rtd` block of the config is
-not read. Same interface as
-`rtd.RTDModels`, so the train step, the checkpoints and the export do not depend on the objective.
+measures RTD against it. No generator, no sampling, no discriminator: the `rtd` block of the config has
+no effect. Same interface as `rtd.RTDModels`, so the train step, the checkpoints and the export do not
+depend on the objective.
 """
 
 from __future__ import annotations

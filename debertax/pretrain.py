@@ -121,6 +121,9 @@ def initial_params_from(config, trainer: Trainer):
   """Continue-training from released / converted checkpoints (config.init_from, init_generator_from)."""
   from debertax import api
   if trainer.objective == "mlm":
+    if config.init_generator_from:
+      raise ValueError("config.init_generator_from is for RTD pretraining; the MLM objective trains one model, "
+                       "given by config.init_from alone")
     model = api.from_pretrained(config.init_from, head="mlm", use_emd=True)
     _check_shape("init_from", model.config, trainer.disc_config)
     return {"mlm": jax.device_get(model.params)}
@@ -212,7 +215,7 @@ def run(config, workdir: str, mode: str = "train") -> dict:
     raise FileNotFoundError(f"{workdir}/checkpoints: no checkpoint to export")
   elif config.init_from:
     state = trainer.state_from_params(initial_params_from(config, trainer), config.seed)
-    logging.info("Initialised from %s and %s", config.init_from, config.init_generator_from)
+    logging.info("Initialised from %s", " and ".join(p for p in (config.init_from, config.init_generator_from) if p))
   else:
     state = trainer.init(config.seed)
   if mode == "export":

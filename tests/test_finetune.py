@@ -471,11 +471,14 @@ def test_resume_in_the_middle_of_an_epoch_repeats_the_uninterrupted_run(data, pr
   assert resumed["metrics"] == whole["metrics"]
 
 
+@pytest.mark.parametrize("signal_at,message", [
+    (5, r"SIGTERM: saved step 5 \(epoch 1, step 5 of 6\) to .*/checkpoints; rerun"),
+    (6, r"SIGTERM: saved the end of epoch 1 \(step 6\) to .*/checkpoints; rerun")])  # After its evaluation.
 def test_sigterm_saves_the_step_and_the_rerun_continues_from_it(data, pretrained, single_device, tmp_path,
-                                                                 monkeypatch):
-  """A preempted fine-tuning (SIGTERM after the 5th of 12 steps, with saves every 4) saves step 5 and stops
-  with a one-line message and no results; the rerun continues from step 5 with the uninterrupted run's
-  losses and scores."""
+                                                                 monkeypatch, signal_at, message):
+  """A preempted fine-tuning (SIGTERM during the 5th or the 6th, last, step of epoch 1 of 2, with saves every
+  4) saves that step and stops with a one-line message and no results; the rerun continues from there with
+  the uninterrupted run's losses and scores."""
   import signal
   overrides = {"max_train_examples": 96, "train.epochs": 2, "train.checkpoint_every": 4, "train.log_every": 1}
   whole = finetune.run(_config("sst2", data, pretrained, **overrides), str(tmp_path / "whole"), mesh=single_device)
@@ -483,18 +486,18 @@ def test_sigterm_saves_the_step_and_the_rerun_continues_from_it(data, pretrained
 
   def preempted_step(self, state, batch):
     calls.append(1)
-    if len(calls) == 5:
+    if len(calls) == signal_at:
       os.kill(os.getpid(), signal.SIGTERM)  # Delivered to the loop's handler, like a TPU VM preemption notice.
     return real_step(self, state, batch)
 
   workdir = str(tmp_path / "preempted")
   monkeypatch.setattr(finetune.Finetuner, "step", preempted_step)
   handler_before = signal.getsignal(signal.SIGTERM)
-  with pytest.raises(SystemExit, match=r"SIGTERM: saved step 5 \(epoch 1, step 5 of 6\) to .*/checkpoints; rerun"):
+  with pytest.raises(SystemExit, match=message):
     finetune.run(_config("sst2", data, pretrained, **overrides), workdir, mesh=single_device)
   assert signal.getsignal(signal.SIGTERM) == handler_before  # The loop's handler is gone with the loop.
   assert not os.path.exists(os.path.join(workdir, "results.json"))
-  assert sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()) == [5]
+  assert sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()) == [signal_at]
   monkeypatch.setattr(finetune.Finetuner, "step", real_step)
   resumed = finetune.run(_config("sst2", data, pretrained, **overrides), workdir, mesh=single_device)
 
@@ -503,6 +506,6 @@ def test_sigterm_saves_the_step_and_the_rerun_continues_from_it(data, pretrained
       return {r["step"]: r["loss"] for r in map(json.loads, f) if r.get("split") == "train"}
 
   whole_losses, resumed_losses = train_losses(str(tmp_path / "whole")), train_losses(workdir)
-  for step in range(6, 13):
+  for step in range(signal_at + 1, 13):
     assert resumed_losses[step] == pytest.approx(whole_losses[step], rel=1e-6), step
   assert resumed["metrics"] == whole["metrics"]

@@ -46,7 +46,7 @@ def test_mlm_pretraining_learns_exports_and_continues(vocab, tmp_path):
   from debertax import checkpoint
   config = small_config(vocab, steps=20, eval_every=20, checkpoint_every=20, lr=5e-3)
   config.objective = "mlm"
-  config.rtd.embedding_sharing = "not read under the MLM objective"
+  config.rtd.rtd_lambda = 1e6  # No effect under the MLM objective (the loss below is the MLM loss alone).
   history = pretrain.run(config, str(tmp_path / "run"))
   train_metrics = history["train"][20]
   assert "rtd_loss" not in train_metrics and train_metrics["loss"] == train_metrics["mlm_loss"]
@@ -74,6 +74,9 @@ def test_mlm_pretraining_learns_exports_and_continues(vocab, tmp_path):
   start_params = pretrain.initial_params_from(resolved, trainer)
   assert list(start_params) == ["mlm"]
   jax.tree_util.tree_map(np.testing.assert_array_equal, start_params, jax.device_get(state.params))
+  resolved.init_generator_from = str(export)
+  with pytest.raises(ValueError, match="config.init_generator_from is for RTD pretraining"):
+    pretrain.initial_params_from(resolved, trainer)
   saved = json.loads((tmp_path / "run" / "config.json").read_text())
   assert saved["objective"] == "mlm"
 
