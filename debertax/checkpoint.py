@@ -75,14 +75,30 @@ def host_tree(tree):
 
 
 class Preemption:
-  """SIGTERM (TPU preemption, scancel) -> the training loop saves at its next step boundary and stops.
+  """SIGTERM (TPU preemption, scancel) -> the training loop saves at a step boundary and stops.
 
-  Installed for the duration of a loop (`restore()` puts the previous handler back); the loop polls
-  `requested` after every step."""
+  Installed for the duration of a loop (`restore()` puts the previous handler back); the loop asks
+  `agreed(step)` after every step. On a multi-host slice the signal reaches the hosts at different times,
+  and a host that left the loop alone would wait in the collective save for the others forever: so the
+  hosts compare their flags every `sync_every` steps (a small all-gather; every host calls `agreed` at
+  the same steps) and stop together."""
 
-  def __init__(self):
+  def __init__(self, sync_every: int = 10):
     self.requested = False
+    self.sync_every = sync_every
     self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def agreed(self, step: int, force_sync: bool = False) -> bool:
+    """Whether every process is to save after `step` and stop. One process: as soon as SIGTERM arrived.
+    Several: at the steps where they compare flags (every `sync_every`, or now with `force_sync`), when any
+    of them received it."""
+    if jax.process_count() == 1:
+      return self.requested
+    if step % self.sync_every and not force_sync:
+      return False
+    import numpy as np
+    from jax.experimental import multihost_utils
+    return bool(np.any(multihost_utils.process_allgather(np.array([self.requested], np.int32))))
 
   def _handle(self, signum, frame):
     logging.warning("SIGTERM received: saving a checkpoint at the next step boundary, then exiting")

@@ -838,7 +838,7 @@ def _train(config, workdir, finetuner: Finetuner, data: TaskData, steps_per_epoc
         saved = checkpoint_every > 0 and step % checkpoint_every == 0 and inside_epoch
         if saved:
           ckpt.save(step, state, {0: loop}, force=True)
-        if preemption.requested and inside_epoch:
+        if preemption.agreed(step) and inside_epoch:
           if not saved:
             ckpt.save(step, state, {0: loop}, force=True)
           ckpt.wait()
@@ -872,7 +872,7 @@ def _train(config, workdir, finetuner: Finetuner, data: TaskData, steps_per_epoc
         loop["epoch"] = settings.epochs  # A resumed run must not train on.
       ckpt.save(step, state, {0: loop}, force=True)
       timer = time.time()
-      if preemption.requested and not stop and loop["epoch"] < settings.epochs:
+      if preemption.agreed(step, force_sync=True) and not stop and loop["epoch"] < settings.epochs:
         ckpt.wait()
         raise checkpoint_lib.Preempted(f"SIGTERM: saved the end of epoch {epoch + 1} (step {step}) to "
                                        f"{workdir}/checkpoints; rerun the same command to resume")

@@ -279,9 +279,10 @@ def run(config, workdir: str, mode: str = "train") -> dict:
         writer.write(step, history["eval"][step], prefix="eval")
         last_log_time = time.time()  # Evaluation time is not training throughput.
       final = step == stop_at
-      if preemption.requested or final or ckpt.manager.should_save(step):
-        ckpt.save(step, state, _all_data_states(iterator), force=preemption.requested or final)
-      if preemption.requested:
+      preempted = preemption.agreed(step)
+      if preempted or final or ckpt.manager.should_save(step):
+        ckpt.save(step, state, _all_data_states(iterator), force=preempted or final)
+      if preempted:
         ckpt.wait()
         logging.warning("Saved step %d after SIGTERM; exiting", step)
         break

@@ -14,6 +14,7 @@ import dataclasses
 import itertools
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -52,7 +53,7 @@ def _vocabulary(directory) -> str:
   return train_sentencepiece(itertools.islice(source_lines("default"), 3000), directory, 300)
 
 
-def _run_two_processes(workdir: str, vocab: str, timeout: float = 240):
+def _start_two_processes(workdir: str, vocab: str, overrides=OVERRIDES):
   env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
   env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES_PER_PROCESS}", JAX_PLATFORMS="cpu")
   port = _free_port()
@@ -62,8 +63,15 @@ def _run_two_processes(workdir: str, vocab: str, timeout: float = 240):
     procs.append((subprocess.Popen(
         [sys.executable, "-m", "debertax.main", "--config=configs/tiny.py", f"--workdir={workdir}",
          f"--coordinator_address=localhost:{port}", f"--num_processes={NUM_PROCESSES}",
-         f"--process_id={process_id}", f"--config.data.vocab={vocab}", *OVERRIDES],
+         f"--process_id={process_id}", f"--config.data.vocab={vocab}", *overrides],
         cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), log))
+  return procs
+
+
+def _run_two_processes(workdir: str, vocab: str, timeout: float = 240, overrides=OVERRIDES, while_running=None):
+  procs = _start_two_processes(workdir, vocab, overrides)
+  if while_running is not None:
+    while_running([proc for proc, _ in procs])
   try:
     for proc, _ in procs:
       proc.wait(timeout=timeout)
@@ -146,3 +154,36 @@ def test_two_processes_match_one(tmp_path):
   np.testing.assert_allclose(
       embedding, jax.device_get(state.params["generator"]["deberta"]["embeddings"]["word_embeddings"]["embedding"]),
       rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(jax.device_count() < NUM_PROCESSES * DEVICES_PER_PROCESS, reason="needs 4 CPU devices")
+def test_sigterm_to_one_host_stops_both_at_the_same_step(tmp_path):
+  """A preemption notice reaches the hosts of a slice at different times; here only process 1 gets SIGTERM.
+  The hosts compare flags every 10 steps and leave together: both save the same step collectively and exit
+  cleanly. (A host that left alone would wait in the collective save, and the other in its next step.)"""
+  import signal
+  import time
+  workdir = str(tmp_path / "run")
+  overrides = [o for o in OVERRIDES if not o.startswith(("--config.train.steps", "--config.train.eval_every",
+                                                          "--config.train.checkpoint_every"))]
+  overrides += ["--config.train.steps=100000", "--config.train.eval_every=100000",
+                "--config.train.checkpoint_every=100000"]
+  metrics = os.path.join(workdir, "metrics.jsonl")
+
+  def signal_process_1_after_step_3(procs):
+    deadline = time.time() + 240
+    while time.time() < deadline and all(p.poll() is None for p in procs):
+      if os.path.exists(metrics) and sum('"train"' in line for line in open(metrics)) >= 3:
+        procs[1].send_signal(signal.SIGTERM)
+        return
+      time.sleep(0.5)
+
+  logs = _run_two_processes(workdir, _vocabulary(tmp_path / "vocab"), overrides=overrides,
+                            while_running=signal_process_1_after_step_3)
+  saved = [re.findall(r"Saved step (\d+) after SIGTERM", log) for log in logs]
+  assert saved[0] and saved[0] == saved[1], saved
+  step = int(saved[0][0])
+  assert step % 10 == 0 and step >= 10
+  saved_steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
+  assert saved_steps[-1] == step, saved_steps  # (Orbax also keeps its first save, step 1.)
+  assert "SIGTERM received" in logs[1] and "SIGTERM received" not in logs[0]
