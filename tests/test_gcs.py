@@ -158,9 +158,10 @@ def test_sigkill_during_a_remote_save_loses_nothing_committed(bucket, prefix, tm
   corpus, workdir = _corpus_files(f"{prefix}/corpus"), f"{prefix}/run"
   script = KILL_DURING_REMOTE_SAVE.format(tests=os.path.dirname(os.path.abspath(__file__)), corpus=corpus,
                                           workdir=workdir)
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  # The child keeps this process's XLA_FLAGS: the same device count, so the same mesh and reduction order, which
+  # the bit-exact comparison below needs.
   done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), env=env)
+                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), env=dict(os.environ))
   assert done.returncode == -signal.SIGKILL, done.stderr[-3000:]
   committed = sorted(int(d) for d in storage.listdir(f"{workdir}/checkpoints")
                      if d.isdigit() and storage.exists(f"{workdir}/checkpoints/{d}/commit_success.txt"))
