@@ -440,6 +440,12 @@ def test_warmup_longer_than_the_run_is_named(data, single_device, tmp_path, capl
   assert "warmup_steps=10 >= the run's 2 optimizer steps" in caplog.text
 
 
+def _train_losses(workdir):
+  """{step: training loss} of a fine-tuning workdir's metrics.jsonl."""
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return {r["step"]: r["loss"] for r in map(json.loads, f) if r.get("split") == "train"}
+
+
 def test_resume_in_the_middle_of_an_epoch_repeats_the_uninterrupted_run(data, pretrained, single_device, tmp_path,
                                                                         monkeypatch):
   overrides = {"max_train_examples": 96, "train.epochs": 2, "train.checkpoint_every": 2, "train.log_every": 1}
@@ -460,11 +466,7 @@ def test_resume_in_the_middle_of_an_epoch_repeats_the_uninterrupted_run(data, pr
   monkeypatch.setattr(finetune.Finetuner, "step", real_step)
   resumed = finetune.run(_config("sst2", data, pretrained, **overrides), workdir, mesh=single_device)
 
-  def train_losses(path):
-    with open(os.path.join(path, "metrics.jsonl")) as f:
-      return {r["step"]: r["loss"] for r in map(json.loads, f) if r.get("split") == "train"}
-
-  whole_losses, resumed_losses = train_losses(str(tmp_path / "whole")), train_losses(workdir)
+  whole_losses, resumed_losses = _train_losses(str(tmp_path / "whole")), _train_losses(workdir)
   assert sorted(whole_losses) == list(range(1, 13))
   for step in range(5, 13):  # steps 5.. were run again after the resume from step 4
     assert resumed_losses[step] == pytest.approx(whole_losses[step], rel=1e-6), step
@@ -501,11 +503,7 @@ def test_sigterm_saves_the_step_and_the_rerun_continues_from_it(data, pretrained
   monkeypatch.setattr(finetune.Finetuner, "step", real_step)
   resumed = finetune.run(_config("sst2", data, pretrained, **overrides), workdir, mesh=single_device)
 
-  def train_losses(path):
-    with open(os.path.join(path, "metrics.jsonl")) as f:
-      return {r["step"]: r["loss"] for r in map(json.loads, f) if r.get("split") == "train"}
-
-  whole_losses, resumed_losses = train_losses(str(tmp_path / "whole")), train_losses(workdir)
+  whole_losses, resumed_losses = _train_losses(str(tmp_path / "whole")), _train_losses(workdir)
   for step in range(signal_at + 1, 13):
     assert resumed_losses[step] == pytest.approx(whole_losses[step], rel=1e-6), step
   assert resumed["metrics"] == whole["metrics"]
