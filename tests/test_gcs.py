@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import gcs_emulator
-from debertax import api, finetune, heads, pretrain, storage
+from debertax import api, checkpoint, finetune, heads, pretrain, storage, train
 from debertax.corpus import default_corpus_lines
 from debertax.metric_writer import read_jsonl
 from debertax.tokenizer import Tokenizer
@@ -171,5 +171,16 @@ def test_sigkill_during_a_remote_save_loses_nothing_committed(bucket, prefix, tm
   reference = _bucket_config(_corpus_files(str(tmp_path / "corpus")))
   reference.data.vocab = f"{workdir}/spm.model"
   local = pretrain.run(reference, str(tmp_path / "local"))
+  # Nothing committed is lost: the state the resumed run started from is, bit for bit, the uninterrupted
+  # run's state at that step.
+  resolved = pretrain.resolve_config(reference, Tokenizer.load(f"{workdir}/spm.model"))
+  abstract = train.Trainer(resolved).abstract_state
+  restored, _ = checkpoint.TrainCheckpointer(f"{workdir}/checkpoints", 2, 5).restore(max(committed), abstract)
+  uninterrupted, _ = checkpoint.TrainCheckpointer(str(tmp_path / "local" / "checkpoints"), 2, 5).restore(
+      max(committed), abstract)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, restored, uninterrupted)
+  # The continuation follows the same trajectory. Not asserted bit for bit: on the CI machine the first loss
+  # after the restore (a buffer written by another process) came out 1 float32 ulp off the uninterrupted
+  # run's while the next step's losses were equal again.
   steps = sorted(resumed["train"])
-  np.testing.assert_array_equal(_losses(resumed, steps), _losses(local, steps))
+  np.testing.assert_allclose(_losses(resumed, steps), _losses(local, steps), rtol=1e-6)
