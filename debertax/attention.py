@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
+from jax.sharding import PartitionSpec as P
 
 from debertax import layers
 from debertax.config import ModelConfig
@@ -509,12 +510,13 @@ class DisentangledSelfAttention(nn.Module):
 
     if cfg.attention_impl == "flash":
       from debertax import flash_attention  # Imported lazily: Pallas is only needed on this path.
-      context = flash_attention.disentangled_flash_attention(
-          q, k, v, key_mask, kr_table=kr_table, qr_table=qr_table, pos_terms=pos_terms,
+      kernel = functools.partial(
+          flash_attention.disentangled_flash_attention, pos_terms=pos_terms,
           position_buckets=cfg.position_buckets, max_relative_span=cfg.max_relative_span,
           dropout_rate=cfg.attention_probs_dropout_prob if dropout_rng is not None else 0.0,
           dropout_rng=dropout_rng, backend=cfg.flash_backend,
           block_q=cfg.flash_block_q or None, block_k=cfg.flash_block_k or None)  # 0: the backend's default.
+      context = per_device_shards(kernel, q, k, v, key_mask, kr_table, qr_table)
     else:
       kr_dist = take_table_rows(kr_table, row_of_distance) if kr_table is not None else None  # [2L-1, H, d]
       qr_dist = take_table_rows(qr_table, row_of_distance) if qr_table is not None else None
@@ -523,3 +525,39 @@ class DisentangledSelfAttention(nn.Module):
           saturation=saturation_distance(dist_index), dropout_rate=cfg.attention_probs_dropout_prob,
           dropout_rng=dropout_rng)
     return context.reshape(batch, length, heads * head_dim)
+
+
+def per_device_shards(kernel, q, k, v, key_mask, kr_table, qr_table):
+  """kernel(q, k, v, key_mask, kr_table=, qr_table=) run by every device on its own shard of the batch
+  (the act_batch mesh axes) and of the heads (the heads axis) under the mesh in scope.
+
+  The Pallas kernels are custom calls (Mosaic, Triton) that the SPMD partitioner cannot split: under a
+  mesh of several devices a bare call fails to lower ("Mosaic kernels cannot be automatically
+  partitioned"). Attention mixes neither examples nor heads, so the shards need no communication
+  (check_vma=False: the kernels' output shapes carry no per-axis variance annotation).
+  q, k, v [B, L, H, d]; key_mask [B, L]; tables [2k, H, d] or None. Without a mesh (or with one device)
+  the kernel is called directly.
+  """
+  def call(q, k, v, key_mask, kr_table, qr_table):
+    return kernel(q, k, v, key_mask, kr_table=kr_table, qr_table=qr_table)
+
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return call(q, k, v, key_mask, kr_table, qr_table)
+  batch_axes, _, head_axes, _ = nn.logical_to_mesh_axes(("act_batch", "act_length", "heads", None))
+  for what, size, axes in (("batch", q.shape[0], batch_axes), ("heads", q.shape[2], head_axes)):
+    names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    shards = math.prod(mesh.shape[name] for name in names)
+    if size % shards:
+      raise ValueError(f"attention_impl='flash': the {what} dimension ({size}) does not split over mesh axes "
+                       f"{names} ({shards} devices); choose a batch size / mesh that divides it")
+  rows, tables = P(batch_axes, None, head_axes, None), P(None, head_axes, None)
+  present = [t is not None for t in (kr_table, qr_table)]
+
+  def shard(q, k, v, key_mask, *given):
+    it = iter(given)
+    return call(q, k, v, key_mask, *(next(it) if p else None for p in present))
+
+  given = [t for t in (kr_table, qr_table) if t is not None]
+  return jax.shard_map(shard, in_specs=(rows, rows, rows, P(batch_axes, None)) + (tables,) * len(given),
+                       out_specs=rows, check_vma=False)(q, k, v, key_mask, *given)

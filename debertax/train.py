@@ -225,6 +225,12 @@ class Trainer:
     with self._context():
       return self._step.lower(self.abstract_state, self.abstract_batch())
 
+  def export_step(self, platforms):
+    """The train step exported (jax.export) for `platforms`, e.g. ["tpu"], from any machine: what a pod would
+    run, lowered without its devices (the device compiler does not run)."""
+    with self._context():
+      return jax.export.export(self._step, platforms=platforms)(self.abstract_state, self.abstract_batch())
+
   def _eval_step(self, state: TrainState, batch):
     rng = jax.random.fold_in(state.rng, 2**31 - 1)
     if self.microbatches == 1:
