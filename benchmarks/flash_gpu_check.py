@@ -14,8 +14,9 @@
    compute, no dropout), flash vs xla, at L = 512 and 2048 with batch 8, and 8192 with batch 1.
    tokens/s = B * L / (best of the timed steps); compile time is separate; peak memory is the device's
    `memory_stats()["peak_bytes_in_use"]`.
-3. The attention core alone (bf16, B x L x 6 x 64): forward, and forward + backward, flash vs xla, at
-   L = 2048 (batch 8) and 8192 (batch 1): separates the kernel from the XLA backward.
+3. The attention core alone (bf16, B x L x 6 x 64): forward, and forward + backward, flash (fused Pallas
+   backward), flash_blocked (the XLA blocked-recompute backward) and xla, at L = 2048 (batch 8) and 8192
+   (batch 1): separates the kernels from the rest of the model.
 
 Every check and every timing row runs in its own subprocess, so an OOM, a lowering error or a crash is
 reported on its row (and the peak memory is that row's own). --sections picks some of the three. A time budget (--budget_s, default 400 s)
@@ -120,10 +121,11 @@ def _core_child(impl: str, length: int, batch: int, dry_run: bool, steps: int) -
   kr, qr = (jnp.asarray(rng.normal(size=(2 * buckets, heads, dim)) * 0.2, bf16) for _ in range(2))
   mask = jnp.ones((batch, length), bool)
   terms = ("c2p", "p2c")
-  if impl == "flash":
+  if impl.startswith("flash"):  # flash: the fused Pallas backward; flash_blocked: the XLA blocked recompute
+    backward = "blocked" if impl == "flash_blocked" else "fused"
     fn = lambda q, k, v, kr, qr: flash_attention.disentangled_flash_attention(
         q, k, v, mask, kr_table=kr, qr_table=qr, pos_terms=terms, position_buckets=buckets,
-        max_relative_span=span, backend="interpret" if dry_run else "auto")
+        max_relative_span=span, backend="interpret" if dry_run else "auto", backward=backward)
   else:
     index = distance_to_table_index(length, buckets, span)
     saturation = saturation_distance(index)  # as the model passes it: the far-key shortcut
@@ -341,7 +343,7 @@ def main():
     emit("|---|---|---|---|---|---|---|")
   for length in (lengths[1:] if "core" in sections else ()):
     batch = 1 if length == lengths[-1] else 8
-    for impl in ("flash", "xla"):
+    for impl in ("flash", "flash_blocked", "xla"):
       if remaining() < 40:
         emit(f"| {impl} | {length} | {batch} | | | | skipped (time budget) |")
         continue

@@ -25,21 +25,21 @@ different things:
   transpose. The distance tables are DMA'd per tile with element-offset BlockSpecs, so VMEM use does not
   grow with L.
 
-Backward: `jax.custom_vjp` with a blocked recompute (backend independent, exact). The forward saves only
-the per-row softmax statistics (running max and sum, [B, H, L]); the backward walks query blocks of
-`backward_block` rows under `lax.scan`, recomputes each block's scores with XLA, rebuilds the
-probabilities from the saved statistics and accumulates dq, dk, dv and the gradients of both relative
-tables. Live memory is O(B H T L) per step. The position terms use key tiles of T: only the tiles within
-the saturation distance S of the block (|i - j| >= S maps to the first/last table row; S = 512 for the
-released configurations) get Toeplitz products against 2T - 1 distances, the far keys get per-row (c2p)
-and per-key (p2c) constants, so the position work per block is O(S), not O(L).
+Backward (`flash_backward`, a `jax.custom_vjp`; the forward saves only the per-row softmax statistics,
+running max and sum [B, H, L]): on the gather formulation two fused Pallas kernels (dk/dv per key block,
+dq per query block) that recompute each tile and store the relative terms' gradient by distance; on the
+TPU kernel a blocked XLA recompute (query blocks of `backward_block` rows under `lax.scan`, Toeplitz
+products only for the key tiles within the saturation distance S, per-row / per-key constants beyond).
+`backward="blocked"` picks the XLA one on the GPU too. Both are exact (tests: 1e-5 against the XLA path).
 
 Status (jax 0.11.2): the Triton forward kernel matches the XLA path (float32 within 2.2e-6 of the array
 scale, values and all gradients, L = 512 / 2048, H200 and H100) and is faster than the XLA forward
-(attention core, bf16, H200: 2.3 vs 3.0 ms at B8 x L2048, 3.9 vs 7.4 ms at B1 x L8192). A training step is
-no faster than the XLA path (H100, xsmall, bf16: 0.83x at L = 512, 0.79x at 2048, 1.03x at 8192; README
-"GPU results"), because the backward is XLA code: a fused backward kernel is the next step. The TPU kernel
-has only been checked in TPU interpret mode and by lowering.
+(attention core, bf16, H200: 2.3 vs 3.0 ms at B8 x L2048, 3.9 vs 7.4 ms at B1 x L8192). With the blocked
+XLA backward a training step was no faster than the XLA path (H100, xsmall, bf16: 0.83x at L = 512, 0.79x
+at 2048, 1.03x at 8192; README "GPU results"). The fused backward has run only in the generic interpreter
+and been lowered for CUDA; its GPU speed is not measured yet (`benchmarks/flash_gpu_check.py`, section 3,
+times flash, flash_blocked and xla side by side). The TPU kernel has only been checked in TPU interpret
+mode and by lowering.
 
 Limits: attention-probability dropout is not implemented in the kernel (a clear error asks to set it to
 zero or use the XLA path); on the CPU only the interpreters run (`backend="interpret"`: the generic Pallas
@@ -62,7 +62,10 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
-from debertax.attention import relative_shift, take_table_rows
+from debertax.attention import take_table_rows
+from debertax.flash_backward import blocked_backward, fused_gather_backward
+from debertax.flash_tiles import (FORMULATION, KEY_MASKED, KEY_PADDING, KEY_VALID, Settings, apply_key_status,
+                                  dot_nt, online_softmax_step, relative_table_index)
 from debertax.relative_position import distance_to_table_index
 
 BACKENDS = ("auto", "tpu", "gpu", "interpret", "tpu_interpret")
@@ -70,70 +73,10 @@ BACKENDS = ("auto", "tpu", "gpu", "interpret", "tpu_interpret")
 DEFAULT_BLOCKS = {"tpu": (128, 128), "gpu": (64, 64), "interpret": (16, 16), "tpu_interpret": (16, 16)}
 # Query rows per step of the blocked-recompute backward.
 DEFAULT_BACKWARD_BLOCK = {"tpu": 512, "gpu": 512, "interpret": 16, "tpu_interpret": 16}
-_FORMULATION = {"tpu": "toeplitz", "tpu_interpret": "toeplitz", "gpu": "gather", "interpret": "gather"}
 _TPU_LANES = 128  # Per-row statistics are stored lane-replicated on TPU, the layout Mosaic handles best.
 _GPU_NUM_WARPS = 4
 _GPU_NUM_STAGES = 2
 
-# Key status in the per-key int32 vector the kernels read: attend, user-masked (score -> finfo.min, like
-# the XLA path), or internal padding beyond L (score -> -inf: never weighted, even in a fully masked row).
-_KEY_VALID, _KEY_MASKED, _KEY_PADDING = 1, 0, -1
-
-
-# --------------------------------------------------------------------------------------------------
-# The bucket index, traceable inside kernels.
-
-
-def relative_table_index(distance, position_buckets: int, max_relative_span: int):
-  """int32 distances r = i - j (any shape) -> int32 rows of the [2k, ...] relative table.
-
-  Same numbers as `relative_position.distance_to_table_index`: clamp(log_bucket(r) + k, 0, 2k - 1), with
-  the log bucket computed in float32 as in `relative_position.log_bucket`. Only elementwise ops that both
-  Triton and XLA lower, so the kernels can call it on a whole [T_q, T_k] tile of distances.
-  """
-  distance = distance.astype(jnp.int32)
-  if position_buckets <= 0:
-    span = max_relative_span
-    return jnp.clip(distance + span, 0, 2 * span - 1)
-  half = position_buckets
-  mid = position_buckets // 2
-  max_position = max_relative_span
-  abs_r = jnp.where((distance < mid) & (distance > -mid), mid - 1, jnp.abs(distance))
-  ratio = abs_r.astype(jnp.float32) / jnp.float32(mid)
-  # The denominator is a host constant computed exactly as the NumPy reference does.
-  denom = np.log(np.float32((max_position - 1) / mid)).astype(np.float32)
-  log_pos = jnp.ceil((jnp.log(ratio) / denom) * jnp.float32(mid - 1)) + jnp.float32(mid)
-  # |r| = max_position - 1 is the one distance whose quotient is exactly mid - 1 in the reference (the
-  # same log on both sides of the division); pin it so that a device log one ulp off cannot round it up.
-  # Every other distance is at least 1e-4 from an integer (checked in the tests), far beyond float32 error.
-  log_pos = jnp.where(abs_r == max_position - 1, jnp.float32(mid + mid - 1), log_pos)
-  magnitude = jnp.where(abs_r <= mid, abs_r, log_pos.astype(jnp.int32))
-  bucket = jnp.where(distance < 0, -magnitude, magnitude)
-  bucket = jnp.where(abs_r <= mid, distance, bucket)
-  return jnp.clip(bucket + half, 0, 2 * half - 1)
-
-
-# --------------------------------------------------------------------------------------------------
-# Static settings.
-
-
-@dataclasses.dataclass(frozen=True)
-class _Settings:
-  """Everything static about one call (hashable: it is a nondiff argument of the custom_vjp)."""
-
-  use_c2p: bool
-  use_p2c: bool
-  position_buckets: int
-  max_relative_span: int
-  backend: str  # resolved: tpu | gpu | interpret | tpu_interpret
-  block_q: int
-  block_k: int
-  backward_block: int
-  precision: lax.Precision | None
-
-  @property
-  def formulation(self) -> str:
-    return _FORMULATION[self.backend]
 
 
 def _resolve_backend(backend: str) -> str:
@@ -183,43 +126,12 @@ def _fit_block(requested: int, length: int, backend: str) -> int:
   return min(requested, 8 * pl.cdiv(length, 8))
 
 
-# --------------------------------------------------------------------------------------------------
-# Kernel pieces shared by both formulations.
-
-
-def _dot_nt(a, b, precision):
-  """a [M, K] . b [N, K]^T -> float32 [M, N]."""
-  return lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=precision,
-                         preferred_element_type=jnp.float32)
-
-
-def _dot_nn(a, b, precision):
-  """a [M, K] . b [K, N] -> float32 [M, N]."""
-  return lax.dot_general(a, b, (((1,), (0,)), ((), ())), precision=precision,
-                         preferred_element_type=jnp.float32)
-
-
-def _apply_key_status(scores, key_status):
-  """scores [T_q, T_k] float32, key_status [1, T_k] int32 -> masked scores."""
-  scores = jnp.where(key_status == _KEY_VALID, scores, jnp.finfo(jnp.float32).min)
-  return jnp.where(key_status == _KEY_PADDING, -jnp.inf, scores)
-
-
-def _online_softmax_step(scores, v, row_max, row_sum, acc, precision):
-  """One FlashAttention-2 update. scores [T_q, T_k] f32, v [T_k, d]; row_max/row_sum [T_q, 1]; acc [T_q, d]."""
-  new_max = jnp.maximum(row_max, jnp.max(scores, axis=1, keepdims=True))
-  correction = jnp.exp(row_max - new_max)  # 0 on the first tile (row_max = -inf), never NaN.
-  probs = jnp.exp(scores - new_max)
-  row_sum = correction * row_sum + jnp.sum(probs, axis=1, keepdims=True)
-  acc = correction * acc + _dot_nn(probs.astype(v.dtype), v, precision)
-  return new_max, row_sum, acc
-
 
 # --------------------------------------------------------------------------------------------------
 # GPU formulation: gather from per-layer [L, 2k] score tables (Triton; also the generic interpreter).
 
 
-def _gather_forward_kernel(*refs, settings: _Settings, num_key_blocks: int):
+def _gather_forward_kernel(*refs, settings: Settings, num_key_blocks: int):
   """One program per (batch, head, query block); loops over all key blocks.
 
   Refs: q [T_q, d]; k, v [L_k, d]; key_status [L_k] int32; [c2p_tab [T_q, 2k]]; [p2c_tab [L_k, 2k]];
@@ -243,7 +155,7 @@ def _gather_forward_kernel(*refs, settings: _Settings, num_key_blocks: int):
     start = pl.multiple_of(key_block * block_k, block_k)
     k = k_ref[pl.ds(start, block_k), :]
     v = v_ref[pl.ds(start, block_k), :]
-    scores = _dot_nt(q, k, s.precision)
+    scores = dot_nt(q, k, s.precision)
     if s.use_c2p or s.use_p2c:
       cols = start + tile_cols
       table_index = relative_table_index(rows - cols, s.position_buckets, s.max_relative_span)
@@ -251,8 +163,8 @@ def _gather_forward_kernel(*refs, settings: _Settings, num_key_blocks: int):
         scores = scores + c2p_ref[local_rows, table_index]
       if s.use_p2c:
         scores = scores + p2c_ref[cols, table_index]
-    scores = _apply_key_status(scores, status_ref[pl.ds(start, block_k)][None, :])
-    return _online_softmax_step(scores, v, row_max, row_sum, acc, s.precision)
+    scores = apply_key_status(scores, status_ref[pl.ds(start, block_k)][None, :])
+    return online_softmax_step(scores, v, row_max, row_sum, acc, s.precision)
 
   init = (jnp.full((block_q, 1), -jnp.inf, jnp.float32), jnp.zeros((block_q, 1), jnp.float32),
           jnp.zeros((block_q, q.shape[-1]), jnp.float32))
@@ -262,7 +174,7 @@ def _gather_forward_kernel(*refs, settings: _Settings, num_key_blocks: int):
   sum_ref[...] = row_sum.reshape(block_q)
 
 
-def _gather_forward(q, k, v, key_status, kr_table, qr_table, s: _Settings):
+def _gather_forward(q, k, v, key_status, kr_table, qr_table, s: Settings):
   """q [B, H, L_q, d], k/v [B, H, L_k, d] (padded), key_status [B, L_k] -> o, row_max, row_sum."""
   batch, heads, len_q, head_dim = q.shape
   len_k = k.shape[2]
@@ -308,7 +220,7 @@ def _gather_forward(q, k, v, key_status, kr_table, qr_table, s: _Settings):
 # TPU formulation: Toeplitz windows of per-distance tables plus a strided roll (Mosaic).
 
 
-def _toeplitz_forward_kernel(*refs, settings: _Settings):
+def _toeplitz_forward_kernel(*refs, settings: Settings):
   """Grid (batch, head, query block, key block); the key-block axis is the sequential reduction.
 
   Refs: q [T_q, d]; k, v [T_k, d]; key_status [1, T_k] int32; [kr window [T_q + T_k, d], reversed
@@ -331,20 +243,20 @@ def _toeplitz_forward_kernel(*refs, settings: _Settings):
 
   q = q_ref[...]
   k = k_ref[...]
-  scores = _dot_nt(q, k, s.precision)
+  scores = dot_nt(q, k, s.precision)
   if s.use_c2p:
     # window[a, u] = q_a . Kr[r = D + T_q - u] with D = i0 - j0; the tile needs u = T_q - a + b, i.e.
     # row a read from column b + T_q - a: rolling row a right by T_k + a (mod T_q + T_k) lines it up.
-    window = _dot_nt(q, kr_ref[...], s.precision)
+    window = dot_nt(q, kr_ref[...], s.precision)
     scores = scores + pltpu.roll(window, block_k, 1, stride=1, stride_axis=0)[:, :block_k]
   if s.use_p2c:
     # window[b, w] = k_b . Qr[r = D - T_k + 1 + w]; the tile needs w = a - b + T_k - 1, i.e. row b read
     # from column a + T_k - 1 - b: roll row b right by T_q + 1 + b, keep T_q columns, transpose.
-    window = _dot_nt(k, qr_ref[...], s.precision)
+    window = dot_nt(k, qr_ref[...], s.precision)
     scores = scores + pltpu.roll(window, block_q + 1, 1, stride=1, stride_axis=0)[:, :block_q].T
-  scores = _apply_key_status(scores, status_ref[...])
+  scores = apply_key_status(scores, status_ref[...])
 
-  row_max, row_sum, acc = _online_softmax_step(
+  row_max, row_sum, acc = online_softmax_step(
       scores, v_ref[...], max_scratch[:, :1], sum_scratch[:, :1], acc_scratch[...], s.precision)
   max_scratch[...] = jnp.broadcast_to(row_max, max_scratch.shape)
   sum_scratch[...] = jnp.broadcast_to(row_sum, sum_scratch.shape)
@@ -357,7 +269,7 @@ def _toeplitz_forward_kernel(*refs, settings: _Settings):
     sum_out_ref[...] = sum_scratch[...]
 
 
-def _distance_tables(kr_table, qr_table, len_q: int, len_k: int, s: _Settings):
+def _distance_tables(kr_table, qr_table, len_q: int, len_k: int, s: Settings):
   """[2k, H, d] tables -> per-distance tables [H, L_q + L_k, d] for r in [-(L_k - 1), L_q].
 
   c2p comes back in reversed order (row t <-> r = L_q - t), p2c in forward order (row t <-> r = t - L_k + 1).
@@ -370,7 +282,7 @@ def _distance_tables(kr_table, qr_table, len_q: int, len_k: int, s: _Settings):
   return kr_rev, qr_fwd
 
 
-def _toeplitz_forward(q, k, v, key_status, kr_table, qr_table, s: _Settings):
+def _toeplitz_forward(q, k, v, key_status, kr_table, qr_table, s: Settings):
   """q [B, H, L_q, d], k/v [B, H, L_k, d] (padded), key_status [B, L_k] -> o, row_max, row_sum."""
   batch, heads, len_q, head_dim = q.shape
   len_k = k.shape[2]
@@ -423,186 +335,35 @@ def _toeplitz_forward(q, k, v, key_status, kr_table, qr_table, s: _Settings):
 # Forward wrapper, blocked-recompute backward, custom_vjp.
 
 
-def _forward(q, k, v, kr_table, qr_table, key_mask, s: _Settings):
+def _forward(q, k, v, kr_table, qr_table, key_mask, s: Settings):
   """[B, L, H, d] inputs -> (out [B, L, H, d], row_max [B, H, L], row_sum [B, H, L])."""
   batch, length, heads, head_dim = q.shape
   len_q = s.block_q * pl.cdiv(length, s.block_q)
   len_k = s.block_k * pl.cdiv(length, s.block_k)
   to_heads = lambda x, padded: jnp.pad(jnp.swapaxes(x, 1, 2), [(0, 0), (0, 0), (0, padded - length), (0, 0)])
-  key_status = jnp.where(key_mask, _KEY_VALID, _KEY_MASKED).astype(jnp.int32)
-  key_status = jnp.pad(key_status, [(0, 0), (0, len_k - length)], constant_values=_KEY_PADDING)
+  key_status = jnp.where(key_mask, KEY_VALID, KEY_MASKED).astype(jnp.int32)
+  key_status = jnp.pad(key_status, [(0, 0), (0, len_k - length)], constant_values=KEY_PADDING)
   forward = _gather_forward if s.formulation == "gather" else _toeplitz_forward
   out, row_max, row_sum = forward(to_heads(q, len_q), to_heads(k, len_k), to_heads(v, len_k), key_status,
                                   kr_table, qr_table, s)
   return jnp.swapaxes(out[:, :, :length], 1, 2), row_max[:, :, :length], row_sum[:, :, :length]
 
 
-def _saturation_distance(index: np.ndarray) -> int:
-  """Smallest S >= 1 such that idx(r) = idx(+-(P-1)) for every |r| >= S (on the matching side).
-
-  index [2P-1] is `distance_to_table_index(P, ...)` (element r + P - 1). Log buckets saturate at
-  S = max_relative_span (512 in every released configuration): beyond it c2p and p2c do not depend on the
-  exact distance, which the backward uses to skip the Toeplitz products for far key tiles.
-  """
-  padded = (index.shape[0] + 1) // 2
-  r = np.arange(-(padded - 1), padded)
-  varies = ((r >= 0) & (index != index[-1])) | ((r <= 0) & (index != index[0]))
-  return int(np.abs(r[varies]).max()) + 1 if varies.any() else 1
-
-
-@dataclasses.dataclass(frozen=True)
-class _BackwardGeometry:
-  """Static layout of the blocked backward: query blocks and key tiles of T rows, P = nb * T."""
-
-  block: int  # T
-  num_blocks: int  # nb
-  span: int  # key tiles per query block that get Toeplitz products (those within S of the block)
-  near: int  # tiles on each side of the diagonal that reach a non-saturated distance
-
-  @property
-  def padded(self) -> int:
-    return self.block * self.num_blocks
-
-  @property
-  def has_far_tiles(self) -> bool:
-    return self.span < self.num_blocks
-
-
-def _block_scores(block_index, q_blk, k_tiles, kr_rev, kr_far, qr_windows, qr_far, s: _Settings,
-                  g: _BackwardGeometry):
-  """Float32 scores [B, H, T, P] of query block `block_index` against all P (padded) keys, with XLA.
-
-  q_blk [B, T, H, d]; k_tiles [nb, B, T, H, d]. kr_rev [2P - 1, H, d]: the c2p table per distance in
-  reversed order (row u <-> r = P - 1 - u). qr_windows [2nb - 1, 2T - 1, H, d]: per tile offset
-  delta = a - c (window e = nb - 1 - delta), the p2c table over the 2T - 1 distances delta T - (T - 1)
-  .. delta T + T - 1. kr_far / qr_far [2, H, d]: the saturated rows for r >= S (keys far left) and
-  r <= -S (far right). Only the `span` key tiles around the diagonal get Toeplitz products; the far keys
-  get per-row (c2p) and per-key (p2c) constants, so each block costs O(P) memory and O(S) position work.
-  """
-  f32, precision = jnp.float32, s.precision
-  num_tiles, batch, block, heads, _ = k_tiles.shape
-  padded = num_tiles * block
-  keys = jnp.moveaxis(k_tiles, 0, 1).reshape(batch, padded, heads, -1)
-  scores = jnp.einsum("bthd,bjhd->bhtj", q_blk, keys, precision=precision, preferred_element_type=f32)
-  if not (s.use_c2p or s.use_p2c):
-    return scores
-  first_tile = jnp.clip(block_index - g.near, 0, g.num_blocks - g.span)
-  lo = first_tile * block  # first key of the band
-  row0 = block_index * block
-  band = 0.0
-  if s.use_c2p:
-    # Window column m <-> r = row0 + T - 1 - lo - m over the band's span*T keys (reversed table rows).
-    width = g.span * block + block - 1
-    window = lax.dynamic_slice_in_dim(kr_rev, padded - block - row0 + lo, width)
-    c2p = jnp.einsum("bthd,mhd->bhtm", q_blk, window, precision=precision, preferred_element_type=f32)
-    band = band + relative_shift(c2p)  # [B, H, T, span*T]
-  if s.use_p2c:
-    tiles = lax.dynamic_slice_in_dim(k_tiles, first_tile, g.span)  # [span, B, T, H, d]
-    windows = lax.dynamic_slice_in_dim(qr_windows, g.num_blocks - 1 - block_index + first_tile, g.span)
-    p2c = jnp.einsum("cbuhd,cwhd->bhcuw", tiles, windows, precision=precision, preferred_element_type=f32)
-    p2c = relative_shift(p2c)  # [B, H, span, T keys, T queries]
-    band = band + jnp.transpose(p2c, (0, 1, 4, 2, 3)).reshape(batch, heads, block, g.span * block)
-  if not g.has_far_tiles:
-    return scores + band
-  key = jnp.arange(padded)
-  left = key < lo  # r = i - j >= S: the last table row; right of the band: r <= -S, the first row.
-  right = key >= lo + g.span * block
-  background = jnp.zeros(scores.shape, f32)
-  if s.use_c2p:
-    rows = jnp.einsum("bthd,shd->bhts", q_blk, kr_far, precision=precision, preferred_element_type=f32)
-    background = background + jnp.where(left, rows[..., :1], jnp.where(right, rows[..., 1:], 0.0))
-  if s.use_p2c:
-    cols = jnp.einsum("bjhd,shd->bhsj", keys, qr_far, precision=precision, preferred_element_type=f32)
-    background = background + jnp.where(left, cols[:, :, :1], jnp.where(right, cols[:, :, 1:], 0.0))
-  return scores + lax.dynamic_update_slice_in_dim(background, band, lo, axis=3)
-
-
-def _backward(s: _Settings, residuals, d_out):
-  """Blocked recompute: scan over query blocks of T rows, rebuild probabilities from the saved row max
-  and row sum, accumulate dk, dv and the relative-table gradients. Live memory O(B H T P)."""
-  q, k, v, kr_table, qr_table, key_mask, out, row_max, row_sum = residuals
-  batch, length, heads, head_dim = q.shape
-  f32 = jnp.float32
-  block = min(s.backward_block, length)
-  num_blocks = pl.cdiv(length, block)
-  padded = num_blocks * block  # queries and keys are both padded to P = nb * T
-  index = distance_to_table_index(padded, s.position_buckets, s.max_relative_span)
-  near = pl.cdiv(_saturation_distance(index) - 1, block)
-  geometry = _BackwardGeometry(block=block, num_blocks=num_blocks, span=min(2 * near + 1, num_blocks),
-                               near=near)
-
-  def prepare(kr_table, qr_table):
-    """Tables -> the per-distance operands of `_block_scores`, r in [-(P-1), P-1] (beyond L - 1 only
-    padded rows or keys read them)."""
-    kr_rev = kr_far = qr_windows = qr_far = None
-    if s.use_c2p:
-      kr_rev = take_table_rows(kr_table, index)[::-1]
-      kr_far = jnp.stack([kr_rev[0], kr_rev[-1]])
-    if s.use_p2c:
-      qr_dist = take_table_rows(qr_table, index)  # row u <-> r = u - (P - 1)
-      starts = [(num_blocks - 1 - e) * block + padded - block for e in range(2 * num_blocks - 1)]
-      qr_windows = jnp.stack([lax.slice_in_dim(qr_dist, st, st + 2 * block - 1) for st in starts])
-      qr_far = jnp.stack([qr_dist[-1], qr_dist[0]])
-    return kr_rev, kr_far, qr_windows, qr_far
-
-  tables, prepare_vjp = jax.vjp(prepare, kr_table, qr_table)
-
-  def pad_rows(x, axis, value=0.0):
-    return jnp.pad(x, [(0, 0)] * axis + [(0, padded - length)] + [(0, 0)] * (x.ndim - axis - 1),
-                   constant_values=value)
-
-  def blocks(x, axis, value=0.0):  # [..., L, ...] -> [nb, ..., T, ...] along `axis`
-    x = pad_rows(x, axis, value)
-    x = x.reshape(x.shape[:axis] + (num_blocks, block) + x.shape[axis + 1:])
-    return jnp.moveaxis(x, axis, 0)
-
-  k_tiles = blocks(k, 1)
-  v_pad = pad_rows(v, 1)
-  # Keys: attend / masked (finfo.min, as the forward) / padding (-inf: probability exactly 0).
-  key_valid = pad_rows(key_mask, 1, False)[:, None, None, :]
-  key_real = (jnp.arange(padded) < length)[None, None, None, :]
-  delta = jnp.einsum("blhd,blhd->bhl", d_out.astype(f32), out.astype(f32))  # [B, H, L]
-  # Padded query rows get row_max = +inf, so their recomputed probabilities are exactly 0.
-  xs = (jnp.arange(num_blocks), blocks(q, 1), blocks(d_out, 1), blocks(row_max, 2, jnp.inf),
-        blocks(row_sum, 2, 1.0), blocks(delta, 2))
-  add = lambda total, part: None if total is None else total + part.astype(f32)
-
-  def step(carry, x):
-    dk_tiles, dv, d_tables = carry
-    index, q_blk, do_blk, max_blk, sum_blk, delta_blk = x
-    scores, scores_vjp = jax.vjp(
-        lambda q_blk, k_tiles, tables: _block_scores(index, q_blk, k_tiles, *tables, s, geometry),
-        q_blk, k_tiles, tables)
-    scores = jnp.where(key_real, jnp.where(key_valid, scores, jnp.finfo(f32).min), -jnp.inf)
-    probs = jnp.exp(scores - max_blk[..., None]) / sum_blk[..., None]
-    d_probs = jnp.einsum("bthd,bjhd->bhtj", do_blk, v_pad, precision=s.precision, preferred_element_type=f32)
-    dv = dv + jnp.einsum("bhtj,bthd->bjhd", probs.astype(v.dtype), do_blk, precision=s.precision,
-                         preferred_element_type=f32)
-    d_scores = jnp.where(key_valid, probs * (d_probs - delta_blk[..., None]), 0.0)
-    dq_blk, dk_part, d_tables_part = scores_vjp(d_scores)
-    d_tables = jax.tree_util.tree_map(add, d_tables, d_tables_part, is_leaf=lambda x: x is None)
-    return (dk_tiles + dk_part.astype(f32), dv, d_tables), dq_blk.astype(f32)
-
-  zeros = lambda x: None if x is None else jnp.zeros(x.shape, f32)
-  carry = (jnp.zeros(k_tiles.shape, f32), jnp.zeros(v_pad.shape, f32),
-           jax.tree_util.tree_map(zeros, tables, is_leaf=lambda x: x is None))
-  (dk_tiles, dv, d_tables), dq_blocks = lax.scan(step, carry, xs)
-  unblock = lambda x: jnp.moveaxis(x, 0, 1).reshape(batch, padded, heads, head_dim)[:, :length]
-  d_tables = jax.tree_util.tree_map(lambda d, t: None if d is None else d.astype(t.dtype), d_tables, tables,
-                                    is_leaf=lambda x: x is None)
-  dkr_table, dqr_table = prepare_vjp(d_tables)
-  return (unblock(dq_blocks).astype(q.dtype), unblock(dk_tiles).astype(k.dtype),
-          dv[:, :length].astype(v.dtype), dkr_table, dqr_table, None)
-
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _flash(q, k, v, kr_table, qr_table, key_mask, s: _Settings):
+def _flash(q, k, v, kr_table, qr_table, key_mask, s: Settings):
   return _forward(q, k, v, kr_table, qr_table, key_mask, s)[0]
 
 
-def _flash_fwd(q, k, v, kr_table, qr_table, key_mask, s: _Settings):
+def _flash_fwd(q, k, v, kr_table, qr_table, key_mask, s: Settings):
   out, row_max, row_sum = _forward(q, k, v, kr_table, qr_table, key_mask, s)
   return out, (q, k, v, kr_table, qr_table, key_mask, out, row_max, row_sum)
+
+
+def _backward(s: Settings, residuals, d_out):
+  if s.backward == "fused":
+    return fused_gather_backward(s, residuals, d_out)
+  return blocked_backward(s, residuals, d_out)
 
 
 _flash.defvjp(_flash_fwd, _backward)
@@ -612,7 +373,7 @@ def disentangled_flash_attention(q, k, v, key_mask, *, kr_table=None, qr_table=N
                                  position_buckets: int, max_relative_span: int, dropout_rate: float = 0.0,
                                  dropout_rng=None, backend: str = "auto", block_q: int | None = None,
                                  block_k: int | None = None, backward_block: int | None = None,
-                                 precision=None):
+                                 precision=None, backward: str = "auto"):
   """Disentangled attention with Pallas flash kernels; same numbers as `disentangled_attention_xla`.
 
   q, k, v [B, L, H, d] with q already divided by the scale sqrt(d * (1 + #terms)); key_mask [B, L] bool.
@@ -622,7 +383,9 @@ def disentangled_flash_attention(q, k, v, key_mask, *, kr_table=None, qr_table=N
   2 span - 1) with span = `max_relative_span` when position_buckets <= 0.
   backend: auto | tpu | gpu | interpret (generic interpreter, GPU kernel) | tpu_interpret (TPU kernel).
   block_q / block_k / backward_block: None means the backend's default. precision: None follows
-  `jax.default_matmul_precision`. Returns [B, L, H, d] in q's dtype.
+  `jax.default_matmul_precision`. backward: auto (fused on the gather formulation, i.e. GPU and
+  `interpret`; blocked on the TPU kernel) | fused | blocked (see `flash_backward`). Returns [B, L, H, d]
+  in q's dtype.
   """
   if dropout_rate > 0.0 and dropout_rng is not None:
     raise ValueError("attention_impl='flash' has no attention-probability dropout: set "
@@ -640,14 +403,22 @@ def disentangled_flash_attention(q, k, v, key_mask, *, kr_table=None, qr_table=N
     if table is not None and (table.ndim != 3 or table.shape[1:] != q.shape[2:]):
       raise ValueError(f"flash attention: {name} must be [2k, H, d] with H, d = {q.shape[2:]}; got {table.shape}")
   resolved = _resolve_backend(backend)
+  if backward not in ("auto", "fused", "blocked"):
+    raise ValueError(f"flash attention backward={backward!r}: choose auto, fused or blocked")
+  if backward == "fused" and FORMULATION[resolved] != "gather":
+    raise ValueError(f"flash attention: the fused backward exists for the gather kernel (backend gpu or "
+                     f"interpret), not for backend {resolved!r}; use backward='blocked'")
+  if backward == "auto":
+    backward = "fused" if FORMULATION[resolved] == "gather" else "blocked"
   length = q.shape[1]
   default_q, default_k = DEFAULT_BLOCKS[resolved]
-  settings = _Settings(
+  settings = Settings(
       use_c2p=use_c2p, use_p2c=use_p2c, position_buckets=int(position_buckets),
       max_relative_span=int(max_relative_span), backend=resolved,
       block_q=_fit_block(block_q or default_q, length, resolved),
       block_k=_fit_block(block_k or default_k, length, resolved),
       backward_block=int(backward_block or DEFAULT_BACKWARD_BLOCK[resolved]),
-      precision=_resolve_precision(precision))
+      precision=_resolve_precision(precision), backward=backward)
   return _flash(q, k, v, kr_table if use_c2p else None, qr_table if use_p2c else None,
                 key_mask.astype(bool), settings)
+

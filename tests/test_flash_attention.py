@@ -66,7 +66,9 @@ def _check_against_xla(batch, length, heads, dim, terms, buckets, span, seed, **
 # Shapes: L not a multiple of the blocks, block_q != block_k, several heads, batch > 1; every term subset;
 # log buckets and the unbucketed (position_buckets <= 0) table. In the first and third case the sequence
 # is longer than the saturation distance plus two backward blocks, so the backward's far key tiles (the
-# per-row / per-key constants instead of Toeplitz products) are exercised too.
+# per-row / per-key constants instead of Toeplitz products) are exercised too, and the fused backward's
+# saturated per-row / per-key sums. Both backward passes of the gather kernel: fused (its default) and blocked.
+@pytest.mark.parametrize("backward", ["fused", "blocked"])
 @pytest.mark.parametrize("batch,length,heads,dim,terms,buckets,span,block_q,block_k,backward_block", [
     (2, 43, 3, 8, BOTH, 4, 8, 8, 16, 8),
     (3, 21, 2, 8, C2P, 8, 16, 8, 16, 16),
@@ -74,9 +76,15 @@ def _check_against_xla(batch, length, heads, dim, terms, buckets, span, seed, **
     (2, 11, 2, 8, NONE, 8, 16, 8, 8, 8),
 ])
 def test_generic_interpreter_matches_xla(batch, length, heads, dim, terms, buckets, span, block_q, block_k,
-                                         backward_block):
+                                         backward_block, backward):
   _check_against_xla(batch, length, heads, dim, terms, buckets, span, seed=length, backend="interpret",
-                     block_q=block_q, block_k=block_k, backward_block=backward_block)
+                     block_q=block_q, block_k=block_k, backward_block=backward_block, backward=backward)
+
+
+def test_fused_backward_of_the_tpu_kernel_is_an_error():
+  q, k, v, kr_table, qr_table, mask = _inputs(1, 8, 1, 8, 4, seed=0)
+  with pytest.raises(ValueError, match="backward='blocked'"):
+    _flash(q, k, v, kr_table, qr_table, mask, BOTH, 4, 16, backend="tpu_interpret", backward="fused")
 
 
 def test_tpu_interpret_mode_matches_xla():

@@ -38,7 +38,9 @@ def test_flash_kernel_forward_and_gradient_lower(backend, platform, length, term
 
   exported = jax.export.export(jax.jit(gradients), platforms=[platform], disabled_checks=TRITON_OK)(
       qkv, qkv, qkv, table, table, mask)
-  assert CUSTOM_CALL[platform] in exported.mlir_module()
+  # The forward kernel; on the GPU also the fused backward's dk/dv and dq kernels (the TPU kernel's backward
+  # is XLA code).
+  assert exported.mlir_module().count(CUSTOM_CALL[platform]) == (3 if backend == "gpu" else 1)
 
 
 def _base_config(attention_impl):

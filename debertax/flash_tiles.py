@@ -1,0 +1,108 @@
+"""Pieces shared by the flash kernels' forward and backward passes (`flash_attention`, `flash_backward`):
+the relative-table index computed inside a tile, the static settings of a call, the tile matmuls, key
+masking and the online-softmax update. Everything here traces inside a kernel (Triton, Mosaic, interpreters).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+FORMULATION = {"tpu": "toeplitz", "tpu_interpret": "toeplitz", "gpu": "gather", "interpret": "gather"}
+
+# Key status in the per-key int32 vector the kernels read: attend, user-masked (score -> finfo.min, like
+# the XLA path), or internal padding beyond L (score -> -inf: never weighted, even in a fully masked row).
+KEY_VALID, KEY_MASKED, KEY_PADDING = 1, 0, -1
+
+
+# --------------------------------------------------------------------------------------------------
+# The bucket index, traceable inside kernels.
+
+
+def relative_table_index(distance, position_buckets: int, max_relative_span: int):
+  """int32 distances r = i - j (any shape) -> int32 rows of the [2k, ...] relative table.
+
+  Same numbers as `relative_position.distance_to_table_index`: clamp(log_bucket(r) + k, 0, 2k - 1), with
+  the log bucket computed in float32 as in `relative_position.log_bucket`. Only elementwise ops that both
+  Triton and XLA lower, so the kernels can call it on a whole [T_q, T_k] tile of distances.
+  """
+  distance = distance.astype(jnp.int32)
+  if position_buckets <= 0:
+    span = max_relative_span
+    return jnp.clip(distance + span, 0, 2 * span - 1)
+  half = position_buckets
+  mid = position_buckets // 2
+  max_position = max_relative_span
+  abs_r = jnp.where((distance < mid) & (distance > -mid), mid - 1, jnp.abs(distance))
+  ratio = abs_r.astype(jnp.float32) / jnp.float32(mid)
+  # The denominator is a host constant computed exactly as the NumPy reference does.
+  denom = np.log(np.float32((max_position - 1) / mid)).astype(np.float32)
+  log_pos = jnp.ceil((jnp.log(ratio) / denom) * jnp.float32(mid - 1)) + jnp.float32(mid)
+  # |r| = max_position - 1 is the one distance whose quotient is exactly mid - 1 in the reference (the
+  # same log on both sides of the division); pin it so that a device log one ulp off cannot round it up.
+  # Every other distance is at least 1e-4 from an integer (checked in the tests), far beyond float32 error.
+  log_pos = jnp.where(abs_r == max_position - 1, jnp.float32(mid + mid - 1), log_pos)
+  magnitude = jnp.where(abs_r <= mid, abs_r, log_pos.astype(jnp.int32))
+  bucket = jnp.where(distance < 0, -magnitude, magnitude)
+  bucket = jnp.where(abs_r <= mid, distance, bucket)
+  return jnp.clip(bucket + half, 0, 2 * half - 1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Static settings.
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """Everything static about one call (hashable: it is a nondiff argument of the custom_vjp)."""
+
+  use_c2p: bool
+  use_p2c: bool
+  position_buckets: int
+  max_relative_span: int
+  backend: str  # resolved: tpu | gpu | interpret | tpu_interpret
+  block_q: int
+  block_k: int
+  backward_block: int
+  precision: lax.Precision | None
+  backward: str = "blocked"  # fused (Pallas kernels, gather formulation only) | blocked (XLA recompute)
+
+  @property
+  def formulation(self) -> str:
+    return FORMULATION[self.backend]
+
+
+# --------------------------------------------------------------------------------------------------
+# Kernel pieces shared by both formulations.
+
+
+def dot_nt(a, b, precision):
+  """a [M, K] . b [N, K]^T -> float32 [M, N]."""
+  return lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=precision,
+                         preferred_element_type=jnp.float32)
+
+
+def dot_nn(a, b, precision):
+  """a [M, K] . b [K, N] -> float32 [M, N]."""
+  return lax.dot_general(a, b, (((1,), (0,)), ((), ())), precision=precision,
+                         preferred_element_type=jnp.float32)
+
+
+def apply_key_status(scores, key_status):
+  """scores [T_q, T_k] float32, key_status [1, T_k] int32 -> masked scores."""
+  scores = jnp.where(key_status == KEY_VALID, scores, jnp.finfo(jnp.float32).min)
+  return jnp.where(key_status == KEY_PADDING, -jnp.inf, scores)
+
+
+def online_softmax_step(scores, v, row_max, row_sum, acc, precision):
+  """One FlashAttention-2 update. scores [T_q, T_k] f32, v [T_k, d]; row_max/row_sum [T_q, 1]; acc [T_q, d]."""
+  new_max = jnp.maximum(row_max, jnp.max(scores, axis=1, keepdims=True))
+  correction = jnp.exp(row_max - new_max)  # 0 on the first tile (row_max = -inf), never NaN.
+  probs = jnp.exp(scores - new_max)
+  row_sum = correction * row_sum + jnp.sum(probs, axis=1, keepdims=True)
+  acc = correction * acc + dot_nn(probs.astype(v.dtype), v, precision)
+  return new_max, row_sum, acc
+
