@@ -235,7 +235,7 @@ def _store_by_distance(near_ref, row_index, distance, d_scores, near: int):
   every lane back (the old value where masked) must not race a real store to the same address."""
   inside = jnp.abs(distance) < near
   column = jnp.where(inside, distance + (near - 1), 2 * near - 1)
-  pltriton.store(near_ref.at[row_index, column], d_scores, mask=inside)
+  pltriton.store(near_ref.at[row_index, column], d_scores.astype(near_ref.dtype), mask=inside)
 
 
 def _gather_dkv_kernel(*refs, settings: Settings, num_query_blocks: int, near: int):
@@ -388,7 +388,10 @@ def fused_gather_backward(s: Settings, residuals, d_out):
   tile = lambda rows, cols: pl.BlockSpec((None, None, rows, cols), lambda b, h, i: (b, h, i, 0))
   full_row = lambda rows: pl.BlockSpec((None, None, rows), lambda b, h, i: (b, h, 0))
   tile_row = lambda rows: pl.BlockSpec((None, None, rows), lambda b, h, i: (b, h, i))
-  near_shape = lambda rows: jax.ShapeDtypeStruct((batch, heads, rows, width), f32)
+  # The by-distance gradients are stored in the compute dtype (as FlashAttention feeds d scores to the dq
+  # and dk matmuls): bf16 halves their memory and runs the contractions below at the bf16 matmul rate.
+  near_dtype = q.dtype
+  near_shape = lambda rows: jax.ShapeDtypeStruct((batch, heads, rows, width), near_dtype)
   row_shape = lambda rows: jax.ShapeDtypeStruct((batch, heads, rows), f32)
 
   # dk, dv (and d_p2c by distance): programs over key blocks.
@@ -400,7 +403,7 @@ def fused_gather_backward(s: Settings, residuals, d_out):
     operands.append(tables[0])
     in_specs.append(full(len_q, two_k))
   if s.use_p2c:
-    operands += [tables[-1], jnp.zeros((batch, heads, len_k, width), f32)]
+    operands += [tables[-1], jnp.zeros((batch, heads, len_k, width), near_dtype)]
     in_specs += [tile(block_k, two_k), tile(block_k, width)]
   out_shape = [jax.ShapeDtypeStruct(kh.shape, f32), jax.ShapeDtypeStruct(vh.shape, f32)]
   out_specs = [tile(block_k, padded_dim), tile(block_k, padded_dim)]
@@ -425,7 +428,7 @@ def fused_gather_backward(s: Settings, residuals, d_out):
     operands.append(tables[-1])
     in_specs.append(full(len_k, two_k))
   if s.use_c2p:
-    operands.append(jnp.zeros((batch, heads, len_q, width), f32))
+    operands.append(jnp.zeros((batch, heads, len_q, width), near_dtype))
     in_specs.append(tile(block_q, width))
   out_shape = [jax.ShapeDtypeStruct(qh.shape, f32)]
   out_specs = [tile(block_q, padded_dim)]
@@ -445,9 +448,10 @@ def fused_gather_backward(s: Settings, residuals, d_out):
   contract = functools.partial(jnp.einsum, precision=s.precision, preferred_element_type=f32)
   if s.use_c2p:
     d_near, d_pos, d_neg = by_distance(dqs[1]), dqs[2][:, :, :length], dqs[3][:, :, :length]
+    # The table rows in float32 for the fold back onto 2k rows; the [L, 2S] contractions in d_near's dtype.
     operands, operands_vjp = jax.vjp(functools.partial(_distance_operands, near=near, s=s), kr_table.astype(f32))
     kr_near, kr_pos, kr_neg = operands
-    dq = dq + (contract("bhir,rhd->bihd", d_near, kr_near) + contract("bhi,hd->bihd", d_pos, kr_pos)
+    dq = dq + (contract("bhir,rhd->bihd", d_near, kr_near.astype(d_near.dtype)) + contract("bhi,hd->bihd", d_pos, kr_pos)
                + contract("bhi,hd->bihd", d_neg, kr_neg))
     (dkr_table,) = operands_vjp((contract("bhir,bihd->rhd", d_near, q), contract("bhi,bihd->hd", d_pos, q),
                                  contract("bhi,bihd->hd", d_neg, q)))
@@ -455,7 +459,7 @@ def fused_gather_backward(s: Settings, residuals, d_out):
     d_near, d_pos, d_neg = by_distance(dkv[2]), dkv[3][:, :, :length], dkv[4][:, :, :length]
     operands, operands_vjp = jax.vjp(functools.partial(_distance_operands, near=near, s=s), qr_table.astype(f32))
     qr_near, qr_pos, qr_neg = operands
-    dk = dk + (contract("bhjr,rhd->bjhd", d_near, qr_near) + contract("bhj,hd->bjhd", d_pos, qr_pos)
+    dk = dk + (contract("bhjr,rhd->bjhd", d_near, qr_near.astype(d_near.dtype)) + contract("bhj,hd->bjhd", d_pos, qr_pos)
                + contract("bhj,hd->bjhd", d_neg, qr_neg))
     (dqr_table,) = operands_vjp((contract("bhjr,bjhd->rhd", d_near, k), contract("bhj,bjhd->hd", d_pos, k),
                                  contract("bhj,bjhd->hd", d_neg, k)))
