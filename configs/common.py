@@ -13,7 +13,7 @@ V3_MODEL = dict(
     max_relative_positions=-1, position_buckets=256, pos_att_type="p2c|c2p", share_att_key=True,
     norm_rel_ebd="layer_norm", position_biased_input=False, initializer_range=0.02, pooler_dropout=0.0,
     pooler_hidden_act="gelu", dtype="float32", attention_impl="xla", query_block_size=0, remat=False,
-    flash_backend="auto", flash_block_q=0, flash_block_k=0)
+    flash_backend="auto", flash_block_q=0, flash_block_k=0, flash_backward="fused")
 
 SIZES = {
     "xsmall": dict(num_hidden_layers=12, hidden_size=384, num_attention_heads=6, intermediate_size=1536),

@@ -515,7 +515,8 @@ class DisentangledSelfAttention(nn.Module):
           position_buckets=cfg.position_buckets, max_relative_span=cfg.max_relative_span,
           dropout_rate=cfg.attention_probs_dropout_prob if dropout_rng is not None else 0.0,
           dropout_rng=dropout_rng, backend=cfg.flash_backend,
-          block_q=cfg.flash_block_q or None, block_k=cfg.flash_block_k or None)  # 0: the backend's default.
+          block_q=cfg.flash_block_q or None, block_k=cfg.flash_block_k or None,  # 0: the backend's default.
+          backward=cfg.flash_backward)
       context = per_device_shards(kernel, q, k, v, key_mask, kr_table, qr_table)
     else:
       kr_dist = take_table_rows(kr_table, row_of_distance) if kr_table is not None else None  # [2L-1, H, d]

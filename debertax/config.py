@@ -24,7 +24,7 @@ _HF_KEYS_WITHOUT_EFFECT = frozenset({
 
 # Our runtime fields that are not part of a checkpoint's architecture (HF's "dtype" means something else).
 RUNTIME_FIELDS = frozenset({"dtype", "param_dtype", "attention_impl", "query_block_size", "remat",
-                            "flash_backend", "flash_block_q", "flash_block_k"})
+                            "flash_backend", "flash_block_q", "flash_block_k", "flash_backward"})
 
 ACTIVATIONS = ("gelu", "gelu_new", "gelu_python", "gelu_fast", "relu", "tanh", "silu", "swish", "sigmoid")
 
@@ -70,6 +70,7 @@ class ModelConfig:
   flash_backend: str = "auto"  # auto | tpu | gpu | interpret | tpu_interpret (the Pallas kernel's target).
   flash_block_q: int = 0  # Flash kernel tile sizes; 0 = the backend's default (TPU 128, GPU 64).
   flash_block_k: int = 0
+  flash_backward: str = "fused"  # fused (Pallas kernels) | blocked (XLA recompute): the flash path's backward.
 
   def __post_init__(self):
     if isinstance(self.pos_att_type, str):
@@ -87,6 +88,8 @@ class ModelConfig:
         raise ValueError(f"model.{key}={getattr(self, key)!r} is not one of {ACTIVATIONS}")
     if self.attention_impl not in ("xla", "flash"):
       raise ValueError(f"model.attention_impl={self.attention_impl!r}: use 'xla' or 'flash'")
+    if self.flash_backward not in ("fused", "blocked"):
+      raise ValueError(f"model.flash_backward={self.flash_backward!r}: use fused or blocked")
     if self.flash_backend not in ("auto", "tpu", "gpu", "interpret", "tpu_interpret"):
       raise ValueError(f"model.flash_backend={self.flash_backend!r}: use auto, tpu, gpu, interpret or tpu_interpret")
     if self.dtype not in ("float32", "bfloat16", "float16"):

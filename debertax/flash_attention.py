@@ -26,20 +26,18 @@ different things:
   grow with L.
 
 Backward (`flash_backward`, a `jax.custom_vjp`; the forward saves only the per-row softmax statistics,
-running max and sum [B, H, L]): on the gather formulation two fused Pallas kernels (dk/dv per key block,
-dq per query block) that recompute each tile and store the relative terms' gradient by distance; on the
-TPU kernel a blocked XLA recompute (query blocks of `backward_block` rows under `lax.scan`, Toeplitz
-products only for the key tiles within the saturation distance S, per-row / per-key constants beyond).
-`backward="blocked"` picks the XLA one on the GPU too. Both are exact (tests: 1e-5 against the XLA path).
+running max and sum [B, H, L]): by default two fused Pallas kernels per formulation (dk/dv, dq) that
+recompute each tile from the statistics; `model.flash_backward = "blocked"` (or `backward="blocked"`)
+picks a blocked XLA recompute instead. Both are exact (tests: 1e-5 against the XLA path).
 
 Status (jax 0.11.2): the Triton forward kernel matches the XLA path (float32 within 2.2e-6 of the array
 scale, values and all gradients, L = 512 / 2048, H200 and H100) and is faster than the XLA forward
 (attention core, bf16, H200: 2.3 vs 3.0 ms at B8 x L2048, 3.9 vs 7.4 ms at B1 x L8192). With the blocked
 XLA backward a training step was no faster than the XLA path (H100, xsmall, bf16: 0.83x at L = 512, 0.79x
-at 2048, 1.03x at 8192; README "GPU results"). The fused backward has run only in the generic interpreter
-and been lowered for CUDA; its GPU speed is not measured yet (`benchmarks/flash_gpu_check.py`, section 3,
-times flash, flash_blocked and xla side by side). The TPU kernel has only been checked in TPU interpret
-mode and by lowering.
+at 2048, 1.03x at 8192; README "GPU results"). The fused backward kernels have run only in the
+interpreters and been lowered for CUDA and TPU; their speed is not measured yet
+(`benchmarks/flash_gpu_check.py`, section 3, times flash, flash_blocked and xla side by side). The TPU
+kernels have only been checked in TPU interpret mode and by lowering.
 
 Limits: attention-probability dropout is not implemented in the kernel (a clear error asks to set it to
 zero or use the XLA path); on the CPU only the interpreters run (`backend="interpret"`: the generic Pallas
@@ -62,11 +60,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
-from debertax.attention import take_table_rows
-from debertax.flash_backward import blocked_backward, fused_gather_backward
-from debertax.flash_tiles import (FORMULATION, KEY_MASKED, KEY_PADDING, KEY_VALID, Settings, apply_key_status,
-                                  dot_nt, online_softmax_step, relative_table_index)
-from debertax.relative_position import distance_to_table_index
+from debertax.flash_backward import blocked_backward, fused_gather_backward, fused_toeplitz_backward
+from debertax.flash_tiles import (KEY_MASKED, KEY_PADDING, KEY_VALID, Settings, apply_key_status,
+                                  distance_tables, dot_nt, online_softmax_step, relative_table_index)
 
 BACKENDS = ("auto", "tpu", "gpu", "interpret", "tpu_interpret")
 # (block_q, block_k) per resolved backend; block sizes are rounded down for short sequences.
@@ -269,26 +265,13 @@ def _toeplitz_forward_kernel(*refs, settings: Settings):
     sum_out_ref[...] = sum_scratch[...]
 
 
-def _distance_tables(kr_table, qr_table, len_q: int, len_k: int, s: Settings):
-  """[2k, H, d] tables -> per-distance tables [H, L_q + L_k, d] for r in [-(L_k - 1), L_q].
-
-  c2p comes back in reversed order (row t <-> r = L_q - t), p2c in forward order (row t <-> r = t - L_k + 1).
-  """
-  reach = max(len_q + 1, len_k)
-  full = distance_to_table_index(reach, s.position_buckets, s.max_relative_span)  # r in [-(reach-1), reach-1]
-  index = full[reach - 1 - (len_k - 1): reach - 1 + len_q + 1]
-  kr_rev = jnp.swapaxes(take_table_rows(kr_table, index[::-1]), 0, 1) if s.use_c2p else None
-  qr_fwd = jnp.swapaxes(take_table_rows(qr_table, index), 0, 1) if s.use_p2c else None
-  return kr_rev, qr_fwd
-
-
 def _toeplitz_forward(q, k, v, key_status, kr_table, qr_table, s: Settings):
   """q [B, H, L_q, d], k/v [B, H, L_k, d] (padded), key_status [B, L_k] -> o, row_max, row_sum."""
   batch, heads, len_q, head_dim = q.shape
   len_k = k.shape[2]
   block_q, block_k = s.block_q, s.block_k
   window = block_q + block_k
-  kr_rev, qr_fwd = _distance_tables(kr_table, qr_table, len_q, len_k, s)
+  kr_rev, qr_fwd = distance_tables(kr_table, qr_table, len_q, len_k, s)
 
   operands = [q, k, v, key_status[:, None, :]]
   in_specs = [
@@ -362,7 +345,8 @@ def _flash_fwd(q, k, v, kr_table, qr_table, key_mask, s: Settings):
 
 def _backward(s: Settings, residuals, d_out):
   if s.backward == "fused":
-    return fused_gather_backward(s, residuals, d_out)
+    fused = fused_gather_backward if s.formulation == "gather" else fused_toeplitz_backward
+    return fused(s, residuals, d_out)
   return blocked_backward(s, residuals, d_out)
 
 
@@ -373,7 +357,7 @@ def disentangled_flash_attention(q, k, v, key_mask, *, kr_table=None, qr_table=N
                                  position_buckets: int, max_relative_span: int, dropout_rate: float = 0.0,
                                  dropout_rng=None, backend: str = "auto", block_q: int | None = None,
                                  block_k: int | None = None, backward_block: int | None = None,
-                                 precision=None, backward: str = "auto"):
+                                 precision=None, backward: str = "fused"):
   """Disentangled attention with Pallas flash kernels; same numbers as `disentangled_attention_xla`.
 
   q, k, v [B, L, H, d] with q already divided by the scale sqrt(d * (1 + #terms)); key_mask [B, L] bool.
@@ -383,9 +367,8 @@ def disentangled_flash_attention(q, k, v, key_mask, *, kr_table=None, qr_table=N
   2 span - 1) with span = `max_relative_span` when position_buckets <= 0.
   backend: auto | tpu | gpu | interpret (generic interpreter, GPU kernel) | tpu_interpret (TPU kernel).
   block_q / block_k / backward_block: None means the backend's default. precision: None follows
-  `jax.default_matmul_precision`. backward: auto (fused on the gather formulation, i.e. GPU and
-  `interpret`; blocked on the TPU kernel) | fused | blocked (see `flash_backward`). Returns [B, L, H, d]
-  in q's dtype.
+  `jax.default_matmul_precision`. backward: fused (Pallas kernels) | blocked (XLA recompute), see
+  `flash_backward`. Returns [B, L, H, d] in q's dtype.
   """
   if dropout_rate > 0.0 and dropout_rng is not None:
     raise ValueError("attention_impl='flash' has no attention-probability dropout: set "
@@ -403,13 +386,8 @@ def disentangled_flash_attention(q, k, v, key_mask, *, kr_table=None, qr_table=N
     if table is not None and (table.ndim != 3 or table.shape[1:] != q.shape[2:]):
       raise ValueError(f"flash attention: {name} must be [2k, H, d] with H, d = {q.shape[2:]}; got {table.shape}")
   resolved = _resolve_backend(backend)
-  if backward not in ("auto", "fused", "blocked"):
-    raise ValueError(f"flash attention backward={backward!r}: choose auto, fused or blocked")
-  if backward == "fused" and FORMULATION[resolved] != "gather":
-    raise ValueError(f"flash attention: the fused backward exists for the gather kernel (backend gpu or "
-                     f"interpret), not for backend {resolved!r}; use backward='blocked'")
-  if backward == "auto":
-    backward = "fused" if FORMULATION[resolved] == "gather" else "blocked"
+  if backward not in ("fused", "blocked"):
+    raise ValueError(f"flash attention backward={backward!r}: choose fused or blocked")
   length = q.shape[1]
   default_q, default_k = DEFAULT_BLOCKS[resolved]
   settings = Settings(

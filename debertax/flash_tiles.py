@@ -11,6 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from debertax.attention import take_table_rows
+from debertax.relative_position import distance_to_table_index
+
 FORMULATION = {"tpu": "toeplitz", "tpu_interpret": "toeplitz", "gpu": "gather", "interpret": "gather"}
 
 # Key status in the per-key int32 vector the kernels read: attend, user-masked (score -> finfo.min, like
@@ -68,7 +71,7 @@ class Settings:
   block_k: int
   backward_block: int
   precision: lax.Precision | None
-  backward: str = "blocked"  # fused (Pallas kernels, gather formulation only) | blocked (XLA recompute)
+  backward: str = "fused"  # fused (Pallas kernels) | blocked (XLA recompute)
 
   @property
   def formulation(self) -> str:
@@ -106,3 +109,15 @@ def online_softmax_step(scores, v, row_max, row_sum, acc, precision):
   acc = correction * acc + dot_nn(probs.astype(v.dtype), v, precision)
   return new_max, row_sum, acc
 
+
+def distance_tables(kr_table, qr_table, len_q: int, len_k: int, s: Settings):
+  """[2k, H, d] tables -> per-distance tables [H, L_q + L_k, d] for r in [-(L_k - 1), L_q].
+
+  c2p comes back in reversed order (row t <-> r = L_q - t), p2c in forward order (row t <-> r = t - L_k + 1).
+  """
+  reach = max(len_q + 1, len_k)
+  full = distance_to_table_index(reach, s.position_buckets, s.max_relative_span)  # r in [-(reach-1), reach-1]
+  index = full[reach - 1 - (len_k - 1): reach - 1 + len_q + 1]
+  kr_rev = jnp.swapaxes(take_table_rows(kr_table, index[::-1]), 0, 1) if s.use_c2p else None
+  qr_fwd = jnp.swapaxes(take_table_rows(qr_table, index), 0, 1) if s.use_p2c else None
+  return kr_rev, qr_fwd

@@ -81,15 +81,23 @@ def test_generic_interpreter_matches_xla(batch, length, heads, dim, terms, bucke
                      block_q=block_q, block_k=block_k, backward_block=backward_block, backward=backward)
 
 
-def test_fused_backward_of_the_tpu_kernel_is_an_error():
+def test_unknown_backward_is_an_error():
   q, k, v, kr_table, qr_table, mask = _inputs(1, 8, 1, 8, 4, seed=0)
-  with pytest.raises(ValueError, match="backward='blocked'"):
-    _flash(q, k, v, kr_table, qr_table, mask, BOTH, 4, 16, backend="tpu_interpret", backward="fused")
+  with pytest.raises(ValueError, match="fused or blocked"):
+    _flash(q, k, v, kr_table, qr_table, mask, BOTH, 4, 16, backend="interpret", backward="xla")
 
 
-def test_tpu_interpret_mode_matches_xla():
+@pytest.mark.parametrize("backward", ["fused", "blocked"])
+def test_tpu_interpret_mode_matches_xla(backward):
   _check_against_xla(2, 21, 2, 8, BOTH, 8, 16, seed=3, backend="tpu_interpret", block_q=8, block_k=16,
-                     backward_block=8)
+                     backward_block=8, backward=backward)
+
+
+@pytest.mark.parametrize("terms", [C2P, P2C], ids="+".join)
+def test_tpu_interpret_fused_backward_single_terms_and_unbucketed_table(terms):
+  """Key blocks smaller than query blocks, L not a block multiple, the linear (position_buckets <= 0) table."""
+  _check_against_xla(2, 40, 2, 8, terms, 0, 8, seed=5, backend="tpu_interpret", block_q=16, block_k=8,
+                     backward="fused")
 
 
 def _numpy_definition(q, k, v, kr_table, qr_table, mask, buckets, span):
