@@ -59,6 +59,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
@@ -231,12 +232,30 @@ def run_stage(name: str, directory: str, params: Mapping, action: Callable[[], d
   print(f"[{name}] starting" + (f" (attempt {earlier['attempts'] + 1}, {format_seconds(earlier['wall_s'])} spent "
                                 "before)" if earlier["attempts"] else ""), flush=True)
   started = time.time()
+
+  def save_partial():
+    with open(partial_path + ".tmp", "w") as f:
+      json.dump({"wall_s": earlier["wall_s"] + time.time() - started, "attempts": earlier["attempts"] + 1}, f)
+    os.replace(partial_path + ".tmp", partial_path)
+
+  # Refreshed every minute, so an attempt killed outright (SIGKILL, a machine taken away) still counts.
+  stop = threading.Event()
+
+  def refresh():
+    while not stop.wait(60.0):
+      save_partial()
+
+  refresher = threading.Thread(target=refresh, daemon=True)
+  save_partial()
+  refresher.start()
   try:
     info = action() or {}
   except BaseException:
-    with open(partial_path, "w") as f:
-      json.dump({"wall_s": earlier["wall_s"] + time.time() - started, "attempts": earlier["attempts"] + 1}, f)
+    save_partial()
     raise
+  finally:
+    stop.set()
+    refresher.join()
   record = mark_done(directory, params, wall_s=round(earlier["wall_s"] + time.time() - started, 1),
                      attempts=earlier["attempts"] + 1, **info)
   if os.path.exists(partial_path):
@@ -864,12 +883,18 @@ class Benchmark:
                   mean_spread(values("mlm_accuracy")), mean_spread(values("mlm_loss")),
                   mean_spread(values("cosine_E_G")), mean_spread([fine_tuned_cosine(e) for e in evals]),
                   f"{paper[0]} / {paper[1]}" if paper else "-", mean_spread(averages, scale=100, decimals=1)])
+      # Averaged over the seeds whose fine-tuning finished every task, so that each task's mean is over the
+      # same runs; while none has, the finished tasks of any seed show, labelled partial.
+      complete = [s for s in seeds if all(task_score(t, per_run[f"{mode}_s{s}"][t]) is not None
+                                          for t in self.task_names)]
       column = {}
       for t in self.task_names:
-        scores = [task_score(t, per_run[f"{mode}_s{s}"][t]) for s in seeds]
+        scores = [task_score(t, per_run[f"{mode}_s{s}"][t]) for s in (complete or seeds)]
         scores = [v for v in scores if v is not None]
         column[t] = {main_metric(t): sum(scores) / len(scores)} if scores else None
-      downstream_columns[f"{mode} (mean of {len(seeds)})"] = column
+      label = (f"{mode} (seed{'s' if len(complete) > 1 else ''} {','.join(map(str, complete))})" if complete
+               else f"{mode} (partial)")
+      downstream_columns[label] = column
     out += ["## Per mode (mean +- sample standard deviation over seeds)", "", markdown(agg), "",
             "Paper column: the DeBERTaV3 paper's Table 1 (as noted in shared/reference/deberta.md section 7, not "
             "checked against the PDF): ES 0.02/0.02, NES 0.45/0.02, GDES 0.45/0.29, from large-scale pretraining. "

@@ -100,6 +100,11 @@ def test_stages_run_once_and_refuse_other_settings(ptf, tmp_path):
   record = ptf.run_stage("t", str(tmp_path / "t"), {}, lambda: None)
   assert record["attempts"] == 2 and 100.0 <= record["wall_s"] < 110.0  # The interrupted attempt's time counts.
   assert not (tmp_path / "t" / ptf.PARTIAL_FILE).exists()
+  # While a stage runs its attempt is already on disk: a process killed outright (SIGKILL) still counts it.
+  seen = []
+  ptf.run_stage("u", str(tmp_path / "u"), {},
+                lambda: seen.append(json.loads((tmp_path / "u" / ptf.PARTIAL_FILE).read_text())))
+  assert seen[0]["attempts"] == 1 and 0.0 <= seen[0]["wall_s"] < 10.0
 
 
 def test_metrics_records_and_curves(ptf, tmp_path):
