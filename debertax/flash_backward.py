@@ -351,6 +351,25 @@ def _distance_operands(table, near: int, s: Settings):
   return take_table_rows(table, index[1:-1]), table[int(index[-1])], table[int(index[0])]
 
 
+def _fold_distance_gradients(d_near, d_pos, d_neg, table, x, near: int, s: Settings):
+  """The gradients of one relative term x_l . table[idx(r)] from its d scores by distance.
+
+  d_near [B, H, L, 2S - 1] (column r + S - 1, in the compute dtype); d_pos, d_neg [B, H, L] float32: the
+  sums over r >= S and r <= -S; table [2k, H, d]; x [B, L, H, d] (q for c2p, k for p2c). Returns
+  (d x [B, L, H, d], d table [2k, H, d]), float32. The table rows are gathered and folded back in float32;
+  the [L, 2S] contractions run in d_near's dtype with float32 accumulation.
+  """
+  f32 = jnp.float32
+  contract = functools.partial(jnp.einsum, precision=s.precision, preferred_element_type=f32)
+  rows, rows_vjp = jax.vjp(functools.partial(_distance_operands, near=near, s=s), table.astype(f32))
+  near_rows, pos_row, neg_row = rows
+  d_x = (contract("bhlr,rhd->blhd", d_near, near_rows.astype(d_near.dtype))
+         + contract("bhl,hd->blhd", d_pos, pos_row) + contract("bhl,hd->blhd", d_neg, neg_row))
+  (d_table,) = rows_vjp((contract("bhlr,blhd->rhd", d_near, x), contract("bhl,blhd->hd", d_pos, x),
+                         contract("bhl,blhd->hd", d_neg, x)))
+  return d_x, d_table
+
+
 def fused_gather_backward(s: Settings, residuals, d_out):
   """The custom_vjp backward of the gather formulation; returns the cotangents of
   (q, k, v, kr_table, qr_table, key_mask)."""
@@ -449,24 +468,14 @@ def fused_gather_backward(s: Settings, residuals, d_out):
   dq, dk, dv = from_heads(dqs[0]), from_heads(dkv[0]), from_heads(dkv[1])
   by_distance = lambda x: x[:, :, :length, :2 * near - 1]  # [B, H, L, 2S - 1]: column r + S - 1
   dkr_table = dqr_table = None
-  contract = functools.partial(jnp.einsum, precision=s.precision, preferred_element_type=f32)
-  if s.use_c2p:
-    d_near, d_pos, d_neg = by_distance(dqs[1]), dqs[2][:, :, :length], dqs[3][:, :, :length]
-    # The table rows in float32 for the fold back onto 2k rows; the [L, 2S] contractions in d_near's dtype.
-    operands, operands_vjp = jax.vjp(functools.partial(_distance_operands, near=near, s=s), kr_table.astype(f32))
-    kr_near, kr_pos, kr_neg = operands
-    dq = dq + (contract("bhir,rhd->bihd", d_near, kr_near.astype(d_near.dtype)) + contract("bhi,hd->bihd", d_pos, kr_pos)
-               + contract("bhi,hd->bihd", d_neg, kr_neg))
-    (dkr_table,) = operands_vjp((contract("bhir,bihd->rhd", d_near, q), contract("bhi,bihd->hd", d_pos, q),
-                                 contract("bhi,bihd->hd", d_neg, q)))
-  if s.use_p2c:
-    d_near, d_pos, d_neg = by_distance(dkv[2]), dkv[3][:, :, :length], dkv[4][:, :, :length]
-    operands, operands_vjp = jax.vjp(functools.partial(_distance_operands, near=near, s=s), qr_table.astype(f32))
-    qr_near, qr_pos, qr_neg = operands
-    dk = dk + (contract("bhjr,rhd->bjhd", d_near, qr_near.astype(d_near.dtype)) + contract("bhj,hd->bjhd", d_pos, qr_pos)
-               + contract("bhj,hd->bjhd", d_neg, qr_neg))
-    (dqr_table,) = operands_vjp((contract("bhjr,bjhd->rhd", d_near, k), contract("bhj,bjhd->hd", d_pos, k),
-                                 contract("bhj,bjhd->hd", d_neg, k)))
+  if s.use_c2p:  # c2p: q_i . Kr[idx(i - j)], stored per query row i
+    dq_c2p, dkr_table = _fold_distance_gradients(by_distance(dqs[1]), dqs[2][:, :, :length], dqs[3][:, :, :length],
+                                                 kr_table, q, near, s)
+    dq = dq + dq_c2p
+  if s.use_p2c:  # p2c: k_j . Qr[idx(i - j)], stored per key row j
+    dk_p2c, dqr_table = _fold_distance_gradients(by_distance(dkv[2]), dkv[3][:, :, :length], dkv[4][:, :, :length],
+                                                 qr_table, k, near, s)
+    dk = dk + dk_p2c
   cast = lambda x, like: None if x is None else x.astype(like.dtype)
   return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), cast(dkr_table, kr_table),
           cast(dqr_table, qr_table), None)

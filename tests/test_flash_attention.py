@@ -174,30 +174,28 @@ def _flash_model_config(**fields):
   return InterpretFlashConfig(attention_impl="flash", **fields)
 
 
-def test_tiny_model_flash_equals_xla_values_and_gradients():
-  fields = dict(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+def _tiny_models_and_inputs(batch, heads, lengths):
+  """(xla model, flash model in the generic interpreter, params, ids [B, 19], attention mask, output weights)."""
+  fields = dict(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=heads, intermediate_size=32,
                 position_buckets=8, max_position_embeddings=32, hidden_dropout_prob=0.0,
                 attention_probs_dropout_prob=0.0)
   xla_model = build_model(ModelConfig(**fields))
   flash_model = build_model(_flash_model_config(**fields))
-  ids = jnp.asarray(np.random.default_rng(0).integers(4, 50, size=(2, 19)), jnp.int32)
-  attention_mask = jnp.asarray(np.arange(19)[None, :] < np.array([[19], [11]]), jnp.int32)
+  ids = jnp.asarray(np.random.default_rng(0).integers(4, 50, size=(batch, 19)), jnp.int32)
+  attention_mask = jnp.asarray(np.arange(19)[None, :] < np.array(lengths)[:, None], jnp.int32)
   params = init_params(xla_model, jax.random.key(0), length=19)
-  weights = jnp.asarray(np.random.default_rng(1).normal(size=(2, 19, 16)), jnp.float32)
+  weights = jnp.asarray(np.random.default_rng(1).normal(size=(batch, 19, 16)), jnp.float32)
+  return xla_model, flash_model, params, ids, attention_mask, weights
 
-  def run(model):
-    @jax.jit
-    def forward_backward(p):
-      out, vjp = jax.vjp(lambda p: model.apply({"params": p}, ids, attention_mask), p)
-      return out, vjp(weights)[0]
-    return forward_backward(params)
 
-  expected, expected_grads = run(xla_model)
-  got, got_grads = run(flash_model)
+def _forward_backward(model, params, ids, attention_mask, weights):
+  out, vjp = jax.vjp(lambda p: model.apply({"params": p}, ids, attention_mask), params)
+  return out, vjp(weights)[0]
+
+
+def _assert_model_outputs_close(got, got_grads, expected, expected_grads):
   np.testing.assert_allclose(np.asarray(got), np.asarray(expected), **TOL)
-  flat_expected = jax.tree_util.tree_leaves_with_path(expected_grads)
-  flat_got = jax.tree_util.tree_leaves(got_grads)
-  for (path, e), g in zip(flat_expected, flat_got):
+  for (path, e), g in zip(jax.tree_util.tree_leaves_with_path(expected_grads), jax.tree_util.tree_leaves(got_grads)):
     # Parameter gradients reach ~1e2 here and some entries are small differences of such sums, so the
     # absolute tolerance is 1e-5 of each array's largest entry (float32 rounding of the summands).
     e = np.asarray(e)
@@ -205,36 +203,26 @@ def test_tiny_model_flash_equals_xla_values_and_gradients():
                                err_msg=jax.tree_util.keystr(path))
 
 
+def test_tiny_model_flash_equals_xla_values_and_gradients():
+  xla_model, flash_model, params, *inputs = _tiny_models_and_inputs(2, 2, [19, 11])
+  expected = jax.jit(functools.partial(_forward_backward, xla_model))(params, *inputs)
+  got = jax.jit(functools.partial(_forward_backward, flash_model))(params, *inputs)
+  _assert_model_outputs_close(*got, *expected)
+
+
 def test_flash_model_on_a_mesh_runs_per_device_shards_and_equals_xla():
   """On 8 devices (data 2 x fsdp 2 x tensor 2) the kernel runs under shard_map, on each device's rows and
   heads; values and parameter gradients (the relative tables' summed over the batch shards) match the XLA
   path computed without a mesh."""
   from debertax import sharding
-  fields = dict(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=4, intermediate_size=32,
-                position_buckets=8, max_position_embeddings=32, hidden_dropout_prob=0.0,
-                attention_probs_dropout_prob=0.0)
-  xla_model = build_model(ModelConfig(**fields))
-  flash_model = build_model(_flash_model_config(**fields))
-  ids = jnp.asarray(np.random.default_rng(0).integers(4, 50, size=(4, 19)), jnp.int32)
-  attention_mask = jnp.asarray(np.arange(19)[None, :] < np.array([[19], [11], [3], [17]]), jnp.int32)
-  params = init_params(xla_model, jax.random.key(0), length=19)
-  weights = jnp.asarray(np.random.default_rng(1).normal(size=(4, 19, 16)), jnp.float32)
-
-  def forward_backward(model, p):
-    out, vjp = jax.vjp(lambda p: model.apply({"params": p}, ids, attention_mask), p)
-    return out, vjp(weights)[0]
-
-  expected, expected_grads = jax.jit(functools.partial(forward_backward, xla_model))(params)
+  xla_model, flash_model, params, *inputs = _tiny_models_and_inputs(4, 4, [19, 11, 3, 17])
+  expected = jax.jit(functools.partial(_forward_backward, xla_model))(params, *inputs)
   mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}, devices=jax.devices()[:8])
   with sharding.MeshRules(mesh):
-    lowered = jax.jit(functools.partial(forward_backward, flash_model)).lower(params)
-    got, got_grads = lowered.compile()(params)
+    lowered = jax.jit(functools.partial(_forward_backward, flash_model)).lower(params, *inputs)
+    got = lowered.compile()(params, *inputs)
   assert "shard_map" in lowered.as_text() or "manual" in lowered.as_text()
-  np.testing.assert_allclose(np.asarray(got), np.asarray(expected), **TOL)
-  for (path, e), g in zip(jax.tree_util.tree_leaves_with_path(expected_grads), jax.tree_util.tree_leaves(got_grads)):
-    e = np.asarray(e)
-    np.testing.assert_allclose(np.asarray(g), e, rtol=1e-5, atol=1e-5 * max(1.0, np.abs(e).max()),
-                               err_msg=jax.tree_util.keystr(path))
+  _assert_model_outputs_close(*got, *expected)
 
 
 def test_flash_heads_that_do_not_split_over_the_mesh_are_an_error():
