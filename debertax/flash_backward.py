@@ -488,9 +488,10 @@ def fused_gather_backward(s: Settings, residuals, d_out):
 # W = T_q + T_k distances of the per-distance tables. The gradient of a strided roll is the strided roll
 # the other way (stride W - 1 = -1 mod W) of the zero-padded tile gradient, which gives d window [T_q, W]
 # (or [T_k, W]) with no gather. From it: dq += d_window . Kr_window, dk += d_window . Qr_window, and the
-# window's table gradient d_window^T . q (or . k), added into a per-(batch, head) per-distance accumulator
-# [L_q + L_k, d] at the tile's offset. That accumulator stays resident in VMEM while a program walks all
-# its tiles, so both block axes are sequential ("arbitrary"); batch and heads stay parallel.
+# window's table gradient q^T . d_window (or k^T . d_window), added into a per-(batch, head) per-distance
+# accumulator [d, L_q + L_k] at the tile's lane-aligned offset. The accumulator stays resident in VMEM
+# while a program walks all its tiles, so both block axes are sequential ("arbitrary"); batch and heads
+# stay parallel.
 
 
 def _toeplitz_tile_gradients(q, k, v, d_out, row_max, row_sum, delta, key_status, kr_window, qr_window,
@@ -522,8 +523,8 @@ def _toeplitz_dq_kernel(*refs, settings: Settings, len_q: int):
   """Grid (batch, head, query block i, key block j), i and j sequential.
 
   Refs: q, d_out [T_q, d]; k, v [T_k, d]; key_status [1, T_k]; row_max, row_sum, delta [T_q, 128]
-  (lane-replicated); [kr window [W, d]]; [qr window [W, d]]; outputs dq [T_q, d], [d kr_rev [L_q + L_k, d]
-  (resident per batch and head)]; scratch dq [T_q, d] float32.
+  (lane-replicated); [kr window [W, d]]; [qr window [W, d]]; outputs dq [T_q, d], [d kr_rev transposed,
+  [d, L_q + L_k] (resident per batch and head)]; scratch dq [T_q, d] float32.
   """
   s = settings
   q_ref, do_ref, k_ref, v_ref, status_ref, max_ref, sum_ref, delta_ref, *rest = refs
@@ -554,9 +555,9 @@ def _toeplitz_dq_kernel(*refs, settings: Settings, len_q: int):
   if s.use_c2p:
     d_window = _window_gradient(d_scores, block_q)  # [T_q, W]
     dq = dq + dot_nn(d_window.astype(q.dtype), kr_ref[...], s.precision)
-    offset = pl.multiple_of(len_q - query_block * block_q + key_block * block_k - block_q, 8)
+    offset = pl.multiple_of(len_q - query_block * block_q + key_block * block_k - block_q, 8)  # whole blocks
     window = pl.ds(offset, block_q + block_k)
-    dkr_ref[window, :] = dkr_ref[window, :] + _dot_tn(d_window.astype(q.dtype), q, s.precision)
+    dkr_ref[:, window] = dkr_ref[:, window] + _dot_tn(q, d_window.astype(q.dtype), s.precision)
   dq_scratch[...] = dq
 
   @pl.when(key_block == pl.num_programs(3) - 1)
@@ -567,8 +568,8 @@ def _toeplitz_dq_kernel(*refs, settings: Settings, len_q: int):
 def _toeplitz_dkv_kernel(*refs, settings: Settings, len_k: int):
   """Grid (batch, head, key block j, query block i), j and i sequential.
 
-  Refs as `_toeplitz_dq_kernel`; outputs dk, dv [T_k, d], [d qr_fwd [L_q + L_k, d] (resident)]; scratch
-  dk, dv [T_k, d] float32.
+  Refs as `_toeplitz_dq_kernel`; outputs dk, dv [T_k, d], [d qr_fwd transposed, [d, L_q + L_k]
+  (resident)]; scratch dk, dv [T_k, d] float32.
   """
   s = settings
   q_ref, do_ref, k_ref, v_ref, status_ref, max_ref, sum_ref, delta_ref, *rest = refs
@@ -603,7 +604,7 @@ def _toeplitz_dkv_kernel(*refs, settings: Settings, len_k: int):
     dk = dk + dot_nn(d_window.astype(k.dtype), qr_ref[...], s.precision)
     offset = pl.multiple_of(query_block * block_q - key_block * block_k + len_k - block_k, 8)
     window = pl.ds(offset, block_q + block_k)
-    dqr_ref[window, :] = dqr_ref[window, :] + _dot_tn(d_window.astype(k.dtype), k, s.precision)
+    dqr_ref[:, window] = dqr_ref[:, window] + _dot_tn(k, d_window.astype(k.dtype), s.precision)
   dk_scratch[...] = dk
 
   @pl.when(query_block == pl.num_programs(3) - 1)
@@ -667,8 +668,9 @@ def fused_toeplitz_backward(s: Settings, residuals, d_out):
     return in_specs
 
   operands = [qh, doh, kh, vh, key_status, *stats] + [t for t in (kr_rev, qr_fwd) if t is not None]
-  table_shape = jax.ShapeDtypeStruct((batch, heads, len_q + len_k, head_dim), f32)
-  table_spec = pl.BlockSpec((None, None, len_q + len_k, head_dim), lambda b, h, *g: (b, h, 0, 0))
+  # Distances on the lanes: [d, L_q + L_k] needs no lane padding for d = 64 (4 MiB at L = 8192).
+  table_shape = jax.ShapeDtypeStruct((batch, heads, head_dim, len_q + len_k), f32)
+  table_spec = pl.BlockSpec((None, None, head_dim, len_q + len_k), lambda b, h, *g: (b, h, 0, 0))
 
   # dq and d kr_rev: grid (b, h, i, j).
   out_shape = [jax.ShapeDtypeStruct(qh.shape, f32)] + ([table_shape] if s.use_c2p else [])
@@ -694,8 +696,8 @@ def fused_toeplitz_backward(s: Settings, residuals, d_out):
       out_shape=out_shape, name="disentangled_flash_toeplitz_dkv", **extra)(*operands)
 
   from_heads = lambda x: jnp.swapaxes(x[:, :, :length], 1, 2)
-  d_kr_rev = jnp.sum(dq_out[1], axis=0) if s.use_c2p else None  # [H, L_q + L_k, d]
-  d_qr_fwd = jnp.sum(dkv_out[2], axis=0) if s.use_p2c else None
+  d_kr_rev = jnp.swapaxes(jnp.sum(dq_out[1], axis=0), 1, 2) if s.use_c2p else None  # [H, L_q + L_k, d]
+  d_qr_fwd = jnp.swapaxes(jnp.sum(dkv_out[2], axis=0), 1, 2) if s.use_p2c else None
   dkr_table, dqr_table = tables_vjp((d_kr_rev, d_qr_fwd))
   cast = lambda x, like: None if like is None else x.astype(like.dtype)
   return (from_heads(dq_out[0]).astype(q.dtype), from_heads(dkv_out[0]).astype(k.dtype),
