@@ -25,10 +25,10 @@ different things:
   transpose. The distance tables are DMA'd per tile with element-offset BlockSpecs, so VMEM use does not
   grow with L.
 
-Backward (`flash_backward`, a `jax.custom_vjp`; the forward saves only the per-row softmax statistics,
-running max and sum [B, H, L]): by default two fused Pallas kernels per formulation (dk/dv, dq) that
-recompute each tile from the statistics; `model.flash_backward = "blocked"` (or `backward="blocked"`)
-picks a blocked XLA recompute instead. Both are exact (tests: 1e-5 against the XLA path).
+Backward (a `jax.custom_vjp`; the forward saves only the per-row softmax statistics, running max and
+sum [B, H, L]): by default two fused Pallas kernels per formulation (dk/dv, dq; `flash_backward_gather`,
+`flash_backward_toeplitz`) that recompute each tile from the statistics; `model.flash_backward = "blocked"` (or `backward="blocked"`)
+picks a blocked XLA recompute (`flash_backward`) instead. Both are exact (tests: 1e-5 against the XLA path).
 
 Status (jax 0.11.2): the Triton forward kernel matches the XLA path (float32 within 2.2e-6 of the array
 scale, values and all gradients, L = 512 / 2048, H200 and H100) and is faster than the XLA forward
@@ -60,7 +60,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
-from debertax.flash_backward import blocked_backward, fused_gather_backward, fused_toeplitz_backward
+from debertax.flash_backward import blocked_backward
+from debertax.flash_backward_gather import fused_gather_backward
+from debertax.flash_backward_toeplitz import fused_toeplitz_backward
 from debertax.flash_tiles import (KEY_MASKED, KEY_PADDING, KEY_VALID, Settings, apply_key_status,
                                   distance_tables, dot_nt, online_softmax_step, relative_table_index)
 
@@ -368,7 +370,8 @@ def disentangled_flash_attention(q, k, v, key_mask, *, kr_table=None, qr_table=N
   backend: auto | tpu | gpu | interpret (generic interpreter, GPU kernel) | tpu_interpret (TPU kernel).
   block_q / block_k / backward_block: None means the backend's default. precision: None follows
   `jax.default_matmul_precision`. backward: fused (Pallas kernels) | blocked (XLA recompute), see
-  `flash_backward`. Returns [B, L, H, d] in q's dtype.
+  `flash_backward_gather` / `flash_backward_toeplitz` and `flash_backward`. Returns [B, L, H, d] in
+  q's dtype.
   """
   if dropout_rate > 0.0 and dropout_rng is not None:
     raise ValueError("attention_impl='flash' has no attention-probability dropout: set "

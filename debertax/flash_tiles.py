@@ -94,6 +94,13 @@ def dot_nn(a, b, precision):
                          preferred_element_type=jnp.float32)
 
 
+def dot_tn(a, b, precision):
+  """a [K, M]^T . b [K, N] -> float32 [M, N]."""
+  return lax.dot_general(a, b, (((0,), (0,)), ((), ())), precision=precision,
+                         preferred_element_type=jnp.float32)
+
+
+
 def apply_key_status(scores, key_status):
   """scores [T_q, T_k] float32, key_status [1, T_k] int32 -> masked scores."""
   scores = jnp.where(key_status == KEY_VALID, scores, jnp.finfo(jnp.float32).min)
