@@ -27,8 +27,9 @@ different things:
 
 Backward (a `jax.custom_vjp`; the forward saves only the per-row softmax statistics, running max and
 sum [B, H, L]): by default two fused Pallas kernels per formulation (dk/dv, dq; `flash_backward_gather`,
-`flash_backward_toeplitz`) that recompute each tile from the statistics; `model.flash_backward = "blocked"` (or `backward="blocked"`)
-picks a blocked XLA recompute (`flash_backward`) instead. Both are exact (tests: 1e-5 against the XLA path).
+`flash_backward_toeplitz`) that recompute each tile from the statistics; `model.flash_backward =
+"blocked"` (or `backward="blocked"`) picks a blocked XLA recompute (`flash_backward`) instead. Both are
+exact (tests: 1e-5 against the XLA path).
 
 Status (jax 0.11.2): the Triton forward kernel matches the XLA path (float32 within 2.2e-6 of the array
 scale, values and all gradients, L = 512 / 2048, H200 and H100) and is faster than the XLA forward
