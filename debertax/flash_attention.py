@@ -50,12 +50,10 @@ Triton needs power-of-two tile sizes, so on the GPU the head dimension is zero-p
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
@@ -64,8 +62,8 @@ from jax.experimental.pallas import triton as pltriton
 from debertax.flash_backward import blocked_backward
 from debertax.flash_backward_gather import fused_gather_backward
 from debertax.flash_backward_toeplitz import fused_toeplitz_backward
-from debertax.flash_tiles import (KEY_MASKED, KEY_PADDING, KEY_VALID, Settings, apply_key_status,
-                                  distance_tables, dot_nt, online_softmax_step, relative_table_index)
+from debertax.flash_tiles import (Settings, apply_key_status, distance_tables, dot_nt, gather_tables, heads_layout,
+                                  key_status_vector, online_softmax_step, relative_table_index)
 
 BACKENDS = ("auto", "tpu", "gpu", "interpret", "tpu_interpret")
 # (block_q, block_k) per resolved backend; block sizes are rounded down for short sequences.
@@ -189,12 +187,11 @@ def _gather_forward(q, k, v, key_status, kr_table, qr_table, s: Settings):
       pl.BlockSpec((None, len_k), lambda b, h, i: (b, 0)),
   ]
   f32 = jnp.float32
-  if s.use_c2p:  # [B, H, L_q, 2k]: row i holds q_i . Kr[m] for every table row m.
-    c2p_tab = jnp.einsum("bhid,mhd->bhim", q, kr_table, precision=s.precision, preferred_element_type=f32)
+  c2p_tab, p2c_tab = gather_tables(q, k, kr_table, qr_table, s)
+  if c2p_tab is not None:
     operands.append(c2p_tab)
     in_specs.append(pl.BlockSpec((None, None, s.block_q, c2p_tab.shape[-1]), lambda b, h, i: (b, h, i, 0)))
-  if s.use_p2c:  # [B, H, L_k, 2k]: row j holds k_j . Qr[m].
-    p2c_tab = jnp.einsum("bhjd,mhd->bhjm", k, qr_table, precision=s.precision, preferred_element_type=f32)
+  if p2c_tab is not None:
     operands.append(p2c_tab)
     in_specs.append(pl.BlockSpec((None, None, len_k, p2c_tab.shape[-1]), lambda b, h, i: (b, h, 0, 0)))
 
@@ -326,11 +323,9 @@ def _forward(q, k, v, kr_table, qr_table, key_mask, s: Settings):
   batch, length, heads, head_dim = q.shape
   len_q = s.block_q * pl.cdiv(length, s.block_q)
   len_k = s.block_k * pl.cdiv(length, s.block_k)
-  to_heads = lambda x, padded: jnp.pad(jnp.swapaxes(x, 1, 2), [(0, 0), (0, 0), (0, padded - length), (0, 0)])
-  key_status = jnp.where(key_mask, KEY_VALID, KEY_MASKED).astype(jnp.int32)
-  key_status = jnp.pad(key_status, [(0, 0), (0, len_k - length)], constant_values=KEY_PADDING)
+  key_status = key_status_vector(key_mask, len_k)
   forward = _gather_forward if s.formulation == "gather" else _toeplitz_forward
-  out, row_max, row_sum = forward(to_heads(q, len_q), to_heads(k, len_k), to_heads(v, len_k), key_status,
+  out, row_max, row_sum = forward(heads_layout(q, len_q), heads_layout(k, len_k), heads_layout(v, len_k), key_status,
                                   kr_table, qr_table, s)
   return jnp.swapaxes(out[:, :, :length], 1, 2), row_max[:, :, :length], row_sum[:, :, :length]
 

@@ -26,8 +26,8 @@ from jax.experimental.pallas import triton as pltriton
 
 from debertax.attention import take_table_rows
 from debertax.flash_backward import saturation_distance
-from debertax.flash_tiles import (KEY_MASKED, KEY_PADDING, KEY_VALID, Settings, apply_key_status, dot_nn, dot_nt,
-                                  dot_tn, relative_table_index)
+from debertax.flash_tiles import (KEY_VALID, Settings, apply_key_status, dot_nn, dot_nt, dot_tn, gather_tables,
+                                  heads_layout, key_status_vector, relative_table_index)
 from debertax.relative_position import distance_to_table_index
 
 _GPU_NUM_WARPS = 4
@@ -208,24 +208,16 @@ def fused_gather_backward(s: Settings, residuals, d_out):
              reach)
   width = pl.next_power_of_2(2 * near)  # Columns 0 .. 2S - 2 and the masked lanes' 2S - 1; a power of two.
 
-  def to_heads(x, padded, value=0.0):  # [B, L, H, d] -> [B, H, padded, padded_dim]
-    x = jnp.swapaxes(x, 1, 2)
-    return jnp.pad(x, [(0, 0), (0, 0), (0, padded - length), (0, padded_dim - head_dim)], constant_values=value)
-
-  qh, kh, vh, doh = to_heads(q, len_q), to_heads(k, len_k), to_heads(v, len_k), to_heads(d_out, len_q)
-  key_status = jnp.where(key_mask, KEY_VALID, KEY_MASKED).astype(jnp.int32)
-  key_status = jnp.pad(key_status, [(0, 0), (0, len_k - length)], constant_values=KEY_PADDING)
+  by_head = [heads_layout(x, padded) for x, padded in ((q, len_q), (k, len_k), (v, len_k), (d_out, len_q))]
+  c2p_tab, p2c_tab = gather_tables(by_head[0], by_head[1], kr_table, qr_table, s)
+  # Triton tiles need power-of-two sizes (and >= 16 for tl.dot): zero columns change no dot product.
+  qh, kh, vh, doh = (jnp.pad(x, [(0, 0)] * 3 + [(0, padded_dim - head_dim)]) for x in by_head)
+  key_status = key_status_vector(key_mask, len_k)
   pad_rows = lambda x, value: jnp.pad(x, [(0, 0), (0, 0), (0, len_q - length)], constant_values=value)
   delta = jnp.einsum("blhd,blhd->bhl", d_out.astype(f32), out.astype(f32))
   # Padded query rows: row max +inf, so their recomputed probabilities (and gradients) are exactly 0.
   stats = [pad_rows(row_max, jnp.inf), pad_rows(row_sum, 1.0), pad_rows(delta, 0.0)]
-  tables = []
-  if s.use_c2p:  # [B, H, L_q, 2k], as the forward builds it.
-    tables.append(jnp.einsum("bhid,mhd->bhim", to_heads(q, len_q)[..., :head_dim], kr_table,
-                             precision=s.precision, preferred_element_type=f32))
-  if s.use_p2c:
-    tables.append(jnp.einsum("bhjd,mhd->bhjm", to_heads(k, len_k)[..., :head_dim], qr_table,
-                             precision=s.precision, preferred_element_type=f32))
+  tables = [t for t in (c2p_tab, p2c_tab) if t is not None]  # [B, H, L, 2k] each, as the forward builds them
   two_k = tables[0].shape[-1] if tables else 0
   extra = (dict(compiler_params=pltriton.CompilerParams(num_warps=_GPU_NUM_WARPS, num_stages=_GPU_NUM_STAGES))
            if s.backend == "gpu" else dict(interpret=True))

@@ -19,8 +19,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from debertax.flash_tiles import (KEY_MASKED, KEY_PADDING, KEY_VALID, Settings, apply_key_status, distance_tables,
-                                  dot_nn, dot_nt, dot_tn)
+from debertax.flash_tiles import (KEY_VALID, Settings, apply_key_status, distance_tables, dot_nn, dot_nt, dot_tn,
+                                  heads_layout, key_status_vector)
 
 
 def _toeplitz_tile_gradients(q, k, v, d_out, row_max, row_sum, delta, key_status, kr_window, qr_window,
@@ -154,12 +154,8 @@ def fused_toeplitz_backward(s: Settings, residuals, d_out):
   len_k = block_k * pl.cdiv(length, block_k)
   lanes = 128
 
-  def to_heads(x, padded):  # [B, L, H, d] -> [B, H, padded, d]
-    return jnp.pad(jnp.swapaxes(x, 1, 2), [(0, 0), (0, 0), (0, padded - length), (0, 0)])
-
-  qh, kh, vh, doh = to_heads(q, len_q), to_heads(k, len_k), to_heads(v, len_k), to_heads(d_out, len_q)
-  key_status = jnp.where(key_mask, KEY_VALID, KEY_MASKED).astype(jnp.int32)
-  key_status = jnp.pad(key_status, [(0, 0), (0, len_k - length)], constant_values=KEY_PADDING)[:, None, :]
+  qh, kh, vh, doh = (heads_layout(x, padded) for x, padded in ((q, len_q), (k, len_k), (v, len_k), (d_out, len_q)))
+  key_status = key_status_vector(key_mask, len_k)[:, None, :]
   delta = jnp.einsum("blhd,blhd->bhl", d_out.astype(f32), out.astype(f32))
 
   def lane_stat(x, value):  # [B, H, L] -> [B, H, L_q, 128]; padded query rows get `value`

@@ -128,3 +128,25 @@ def distance_tables(kr_table, qr_table, len_q: int, len_k: int, s: Settings):
   kr_rev = jnp.swapaxes(take_table_rows(kr_table, index[::-1]), 0, 1) if s.use_c2p else None
   qr_fwd = jnp.swapaxes(take_table_rows(qr_table, index), 0, 1) if s.use_p2c else None
   return kr_rev, qr_fwd
+
+
+def heads_layout(x, padded: int):
+  """[B, L, H, d] -> [B, H, padded, d], zero rows beyond L (the kernels' whole-block lengths)."""
+  return jnp.pad(jnp.swapaxes(x, 1, 2), [(0, 0), (0, 0), (0, padded - x.shape[1]), (0, 0)])
+
+
+def key_status_vector(key_mask, padded: int):
+  """key_mask [B, L] bool -> int32 [B, padded]: KEY_VALID / KEY_MASKED, and KEY_PADDING beyond L."""
+  status = jnp.where(key_mask, KEY_VALID, KEY_MASKED).astype(jnp.int32)
+  return jnp.pad(status, [(0, 0), (0, padded - key_mask.shape[1])], constant_values=KEY_PADDING)
+
+
+def gather_tables(q_heads, k_heads, kr_table, qr_table, s: Settings):
+  """The gather formulation's per-layer score tables, float32: c2p [B, H, L_q, 2k] (row i: q_i . Kr[m] for
+  every table row m) and p2c [B, H, L_k, 2k] (row j: k_j . Qr[m]); None for a term that is off."""
+  f32 = jnp.float32
+  c2p = (jnp.einsum("bhid,mhd->bhim", q_heads, kr_table, precision=s.precision, preferred_element_type=f32)
+         if s.use_c2p else None)
+  p2c = (jnp.einsum("bhjd,mhd->bhjm", k_heads, qr_table, precision=s.precision, preferred_element_type=f32)
+         if s.use_p2c else None)
+  return c2p, p2c
