@@ -552,13 +552,6 @@ def per_device_shards(kernel, q, k, v, key_mask, kr_table, qr_table):
     if size % shards:
       raise ValueError(f"attention_impl='flash': the {what} dimension ({size}) does not split over mesh axes "
                        f"{names} ({shards} devices); choose a batch size / mesh that divides it")
-  rows, tables = P(batch_axes, None, head_axes, None), P(None, head_axes, None)
-  present = [t is not None for t in (kr_table, qr_table)]
-
-  def shard(q, k, v, key_mask, *given):
-    it = iter(given)
-    return call(q, k, v, key_mask, *(next(it) if p else None for p in present))
-
-  given = [t for t in (kr_table, qr_table) if t is not None]
-  return jax.shard_map(shard, in_specs=(rows, rows, rows, P(batch_axes, None)) + (tables,) * len(given),
-                       out_specs=rows, check_vma=False)(q, k, v, key_mask, *given)
+  rows, tables = P(batch_axes, None, head_axes, None), P(None, head_axes, None)  # A table that is None: no leaves.
+  return jax.shard_map(call, in_specs=(rows, rows, rows, P(batch_axes, None), tables, tables), out_specs=rows,
+                       check_vma=False)(q, k, v, key_mask, kr_table, qr_table)
